@@ -1,0 +1,112 @@
+"""Process groups: the parallel layout config and its one-call initialisation."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks are laid out (Megatron-Core names)."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split every weight matrix (column/row parallel linears)."""
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the decoder layers into stages."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None disables interleaving."""
+    sequence_parallel: bool = False
+    """Shard norms, residuals and dropout along the sequence over the tensor-parallel group."""
+
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Raise ValueError with a clear message on an impossible layout."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ValueError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp} PP={pp}")
+        if world_size is not None and world_size % (tp * pp) != 0:
+            raise ValueError(f"world size {world_size} is not divisible by TP*PP = {tp * pp}")
+        if self.sequence_parallel and tp == 1:
+            raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
+        vp = self.virtual_pipeline_model_parallel_size
+        if vp is not None and (vp < 1 or pp < 2):
+            raise ValueError("virtual_pipeline_model_parallel_size needs PP >= 2 and a value >= 1")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Number of data-parallel replicas for a world of ``world_size`` ranks."""
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed python, numpy, torch and Megatron's model-parallel RNG tracker.
+
+    Must run after :func:`initialize_parallel`; tensor-parallel ranks get distinct
+    tracker seeds, every other generator gets the same seed on every rank.
+    """
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def initialize_parallel(
+    parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10
+) -> None:
+    """Initialise torch.distributed (from torchrun's env) and Megatron-Core's groups.
+
+    Uses NCCL on GPU and gloo on CPU, where it also activates :mod:`eve_megatron.cpu_backend`.
+    A single process without torchrun env becomes a world of one.
+    """
+    from megatron.core import parallel_state
+
+    from eve_megatron import cpu_backend
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_backend.activate()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel.validate(torch.distributed.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+    )
+    set_random_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
