@@ -1,0 +1,145 @@
+"""EVE model config: Megatron-Core's TransformerConfig plus the Qwen2 and EVE parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+DECOUPLINGS = ("none", "mlp", "all")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+ATTENTION_IMPLS = ("auto", "sdpa", "flash_attn", "te")
+
+
+@dataclass
+class EVEConfig(TransformerConfig):
+    """Config of an EVE decoder (EVEv1.0 dense, EVEv1.5 MLP-only, EVEv2.0 divide-and-conquer).
+
+    Qwen2 defaults are set here (RMSNorm, SwiGLU, q/k/v bias only, no dropout); every
+    Megatron-Core TransformerConfig field can still be given.
+    """
+
+    vocab_size: int = 0
+    """Size of the (padded) vocabulary; must divide by the tensor-parallel size."""
+    max_sequence_length: int = 4096
+    """Largest position id + 1 the rotary table must cover."""
+    rotary_base: float = 1_000_000.0
+    """RoPE theta."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the LM head to the token embedding (Qwen2.5-0.5B/1.5B tie, 7B does not)."""
+    decoupling: str = "all"
+    """Which weights have a vision copy: 'none' (EVEv1.0), 'mlp' (EVEv1.5), 'all' (EVEv2.0:
+    both norms, q/k/v, output projection and MLP)."""
+    vision_hidden_size: int = 1024
+    """Width C of the first patch-embedding conv (3 -> C)."""
+    patch_stride: int = 16
+    """Kernel and stride of the first patch-embedding conv."""
+    dense_stride: int = 2
+    """Kernel and stride of the second conv (C -> hidden); one image token per
+    (patch_stride * dense_stride)^2 pixels."""
+    transformer_impl: str = "local"
+    """'local' (pure PyTorch/Megatron, CPU and GPU) or 'transformer_engine' (TE linears/norms)."""
+    core_attention_impl: str = "auto"
+    """'sdpa' (torch, block-diagonal mask), 'flash_attn' (varlen), 'te' (TE thd), or 'auto':
+    te with the TE backend, else sdpa."""
+
+    # Qwen2 defaults for inherited fields.
+    normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-6
+    gated_linear_unit: bool = True
+    activation_func: callable = F.silu
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    calculate_per_token_loss: bool = True
+
+    def __post_init__(self):
+        if self.decoupling not in DECOUPLINGS:
+            raise ValueError(f"decoupling must be one of {DECOUPLINGS}, got {self.decoupling!r}")
+        super().__post_init__()
+        _validate(self)
+
+    @property
+    def block_size(self) -> int:
+        """Pixels per side of the square that becomes one image token (32 in EVE)."""
+        return self.patch_stride * self.dense_stride
+
+    @property
+    def attention_impl(self) -> str:
+        """The core attention actually used ('auto' resolved)."""
+        if self.core_attention_impl != "auto":
+            return self.core_attention_impl
+        return "te" if self.transformer_impl == "transformer_engine" else "sdpa"
+
+
+def _validate(cfg: EVEConfig) -> None:
+    tp = cfg.tensor_model_parallel_size
+    checks = [
+        (cfg.vocab_size > 0, "vocab_size must be set (> 0)"),
+        (cfg.vocab_size % tp == 0, f"vocab_size {cfg.vocab_size} must divide by TP={tp}; pad it"),
+        (cfg.num_query_groups % tp == 0,
+         f"num_query_groups {cfg.num_query_groups} must divide by TP={tp}"),
+        (cfg.transformer_impl in TRANSFORMER_IMPLS,
+         f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {cfg.transformer_impl!r}"),
+        (cfg.core_attention_impl in ATTENTION_IMPLS,
+         f"core_attention_impl must be one of {ATTENTION_IMPLS}, got {cfg.core_attention_impl!r}"),
+        (cfg.normalization == "RMSNorm", "EVE (Qwen2) uses normalization='RMSNorm'"),
+        (not cfg.add_bias_linear,
+         "add_bias_linear must be False: Qwen2 has no bias on o_proj/MLP (add_qkv_bias covers q/k/v)"),
+        (not cfg.apply_rope_fusion, "apply_rope_fusion must be False: positions are per token"),
+        (cfg.patch_stride > 0 and cfg.dense_stride > 0, "patch/dense strides must be positive"),
+        (cfg.vision_hidden_size > 0, "vision_hidden_size must be positive"),
+        (not cfg.fp8 or cfg.transformer_impl == "transformer_engine",
+         "fp8 needs transformer_impl='transformer_engine'"),
+        (cfg.attention_impl != "te" or cfg.transformer_impl == "transformer_engine",
+         "core_attention_impl='te' needs transformer_impl='transformer_engine'"),
+        (cfg.context_parallel_size == 1, "context parallelism is not supported by EVE models"),
+        (cfg.max_sequence_length > 0, "max_sequence_length must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"EVEConfig: {message}")
+
+
+_QWEN2_BASE = dict(rotary_base=1_000_000.0, layernorm_epsilon=1e-6, vision_hidden_size=1024)
+
+PRESETS = {
+    "tiny": dict(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=128, vocab_size=512, vision_hidden_size=32, max_sequence_length=4096,
+        rotary_base=10_000.0, layernorm_epsilon=1e-6,
+    ),
+    "qwen2.5-0.5b": dict(
+        num_layers=24, hidden_size=896, num_attention_heads=14, num_query_groups=2,
+        ffn_hidden_size=4864, vocab_size=151936, share_embeddings_and_output_weights=True,
+        max_sequence_length=32768, **_QWEN2_BASE,
+    ),
+    "qwen2.5-1.5b": dict(
+        num_layers=28, hidden_size=1536, num_attention_heads=12, num_query_groups=2,
+        ffn_hidden_size=8960, vocab_size=151936, share_embeddings_and_output_weights=True,
+        max_sequence_length=32768, **_QWEN2_BASE,
+    ),
+    "qwen2.5-7b": dict(
+        num_layers=28, hidden_size=3584, num_attention_heads=28, num_query_groups=4,
+        ffn_hidden_size=18944, vocab_size=152064, share_embeddings_and_output_weights=False,
+        max_sequence_length=32768, **_QWEN2_BASE,
+    ),
+}
+PRESETS["eve-7b-hd-v2.0"] = dict(PRESETS["qwen2.5-7b"])
+
+
+def eve_config(preset: str, **overrides) -> EVEConfig:
+    """Build an :class:`EVEConfig` from a named preset (see ``PRESETS``) plus overrides.
+
+    On a machine without CUDA, CPU initialisation and fp32 are the defaults.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    kwargs = dict(PRESETS[preset])
+    if not torch.cuda.is_available():
+        kwargs.setdefault("use_cpu_initialization", True)
+    kwargs.update(overrides)
+    return EVEConfig(**kwargs)

@@ -1,0 +1,117 @@
+"""The EVE decoder layer: per-modality norms, projections and MLP around one joint attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import (
+    BaseTransformerLayer,
+    get_transformer_layer_offset,
+)
+from megatron.core.utils import get_pg_rank
+from torch import Tensor
+
+from eve_megatron.models.eve.routing import EVEPackedSeqParams, route
+
+
+@dataclass
+class EVELayerSubmodules:
+    """Classes (or specs) of one EVE layer; vision twins are built from the same specs."""
+
+    input_layernorm: Union[ModuleSpec, type, None] = None
+    self_attention: Union[ModuleSpec, type, None] = None
+    pre_mlp_layernorm: Union[ModuleSpec, type, None] = None
+    mlp: Union[ModuleSpec, type, None] = None
+
+
+class EVETransformerLayer(MegatronModule, BaseTransformerLayer):
+    """Pre-norm layer ``h = x + O_m(Attn(QKV_m(LN1_m(x)))); y = h + MLP_m(LN2_m(h))``.
+
+    ``m`` is each token's modality. Which parts have a vision twin depends on
+    ``config.decoupling``: none, the MLP only, or all (norms, q/k/v, output projection,
+    MLP). Tensor/sequence-parallel communication happens here, once per sub-block for
+    both branches; the branch modules themselves never communicate.
+    """
+
+    def __init__(self, config, submodules: EVELayerSubmodules, layer_number: int = 1,
+                 hidden_dropout: Optional[float] = None, pg_collection=None,
+                 vp_stage: Optional[int] = None):
+        super().__init__(config=config)
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.tp_group = pg_collection.tp
+        self.layer_number = layer_number + get_transformer_layer_offset(
+            config, vp_stage, get_pg_rank(pg_collection.pp))
+        self.hidden_dropout = config.hidden_dropout if hidden_dropout is None else hidden_dropout
+        split_all = config.decoupling == "all"
+        split_mlp = config.decoupling in ("mlp", "all")
+
+        def norm(spec):
+            return build_module(spec, config=config, hidden_size=config.hidden_size,
+                                eps=config.layernorm_epsilon)
+
+        def mlp():
+            return build_module(submodules.mlp, config=config,
+                                ffn_hidden_size=config.ffn_hidden_size, tp_group=self.tp_group)
+
+        self.input_layernorm = norm(submodules.input_layernorm)
+        self.vision_input_layernorm = norm(submodules.input_layernorm) if split_all else None
+        self.self_attention = build_module(
+            submodules.self_attention, config=config, layer_number=self.layer_number,
+            routed=split_all, tp_group=self.tp_group)
+        self.pre_mlp_layernorm = norm(submodules.pre_mlp_layernorm)
+        self.vision_pre_mlp_layernorm = (
+            norm(submodules.pre_mlp_layernorm) if split_all else None)
+        self.mlp = mlp()
+        self.vision_mlp = mlp() if split_mlp else None
+
+    def forward(self, hidden_states: Tensor, attention_mask=None, context=None,
+                context_mask=None, rotary_pos_emb=None, packed_seq_params=None, **kwargs):
+        """``[s(/tp), b, h]`` -> same shape; returns ``(hidden_states, context)`` like Megatron."""
+        params: EVEPackedSeqParams = packed_seq_params
+        if not isinstance(params, EVEPackedSeqParams):
+            raise TypeError("EVETransformerLayer needs the batch's EVEPackedSeqParams")
+        pad = params.branch_pad_multiple
+
+        ln = route(hidden_states, self.input_layernorm, self.vision_input_layernorm,
+                   params.local_text_index, params.local_vision_index)
+        attn = self.self_attention(self._enter_tp(ln), params)
+        hidden_states = hidden_states + self._dropout(self._exit_tp(attn))
+
+        ln = route(hidden_states, self.pre_mlp_layernorm, self.vision_pre_mlp_layernorm,
+                   params.local_text_index, params.local_vision_index)
+        out = route(self._enter_tp(ln), self.mlp, self.vision_mlp,
+                    params.text_index, params.vision_index, pad)
+        hidden_states = hidden_states + self._dropout(self._exit_tp(out))
+        return hidden_states, context
+
+    def _enter_tp(self, x: Tensor) -> Tensor:
+        """Local activations -> the full sequence replicated on the TP group."""
+        if self.config.tensor_model_parallel_size == 1:
+            return x
+        if self.config.sequence_parallel:
+            return tensor_parallel.gather_from_sequence_parallel_region(
+                x, tensor_parallel_output_grad=True, group=self.tp_group)
+        return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+
+    def _exit_tp(self, x: Tensor) -> Tensor:
+        """Partial sums of the TP ranks -> the reduced (and SP-scattered) activations."""
+        if self.config.tensor_model_parallel_size == 1:
+            return x
+        if self.config.sequence_parallel:
+            return tensor_parallel.reduce_scatter_to_sequence_parallel_region(
+                x, group=self.tp_group)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=self.tp_group)
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        if self.hidden_dropout == 0.0:
+            return x
+        return F.dropout(x, p=self.hidden_dropout, training=self.training)
