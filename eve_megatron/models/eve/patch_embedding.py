@@ -37,7 +37,7 @@ class PatchEmbedding(torch.nn.Module):
         x = x.permute(0, 2, 4, 1, 3, 5).reshape(n_blocks * d * d, 3 * p * p)
         x = F.gelu(F.linear(x, self.conv1.weight.flatten(1), self.conv1.bias))  # [P*d*d, C]
         w2 = self.conv2.weight.permute(0, 2, 3, 1).flatten(1)  # [hidden, d*d*C], (dy, dx, c)
-        x = F.linear(x.view(n_blocks, -1), w2, self.conv2.bias)  # [P, hidden]
+        x = F.linear(x.view(n_blocks, w2.shape[1]), w2, self.conv2.bias)  # [P, hidden]
         table = torch.cat([x, self.class_embedding[None], self.split_embedding[None]])
         return table.index_select(0, image_token_index(image_grid_hw, n_blocks))
 

@@ -59,7 +59,7 @@ def _tp_gather(local: torch.Tensor, param) -> torch.Tensor:
 def _source_name(model, name: str, offset: int, full: Dict[str, torch.Tensor]) -> str:
     gname = global_name(name, offset)
     if (gname == "output_layer.weight" and gname not in full
-            and model.config.share_embeddings_and_output_weights):
+            and getattr(model, "share_embeddings_and_output_weights", False)):
         return "embedding.word_embeddings.weight"
     return gname
 
