@@ -1,9 +1,9 @@
-"""Token routing: one branch per token, both branches always in the graph, packing metadata."""
+"""Branch-order layout: one branch per token, both branches always in the graph, packing."""
 
 import pytest
 import torch
 
-from eve_megatron.models.eve.routing import build_packed_seq_params, route
+from eve_megatron.models.eve.routing import apply_branches, build_packed_seq_params, permute_rows
 
 
 def _linear(seed, d_in=8, d_out=5):
@@ -11,37 +11,60 @@ def _linear(seed, d_in=8, d_out=5):
     return torch.nn.Linear(d_in, d_out)
 
 
-def test_route_equals_dense_blend():
+def _to_branch(x_seq, p):
+    return permute_rows(x_seq.reshape(-1, x_seq.shape[-1]), p.br_from_seq, p.seq_from_br)
+
+
+def test_branches_equal_dense_blend():
     text, vision = _linear(0), _linear(1)
-    x = torch.randn(6, 3, 8)  # [s, b, h]
+    x = torch.randn(6, 3, 8, requires_grad=True)  # [s, b, h]
     is_vision = torch.rand(3, 6) > 0.5  # [b, s]
     p = build_packed_seq_params(is_vision)
-    out = route(x, text, vision, p.text_index, p.vision_index)
+    out_br = apply_branches(_to_branch(x, p), text, vision, p.n_text)
+    out = permute_rows(out_br, p.seq_from_br, p.br_from_seq).view(6, 3, 5)
     m = is_vision.t().unsqueeze(-1).float()
     ref = text(x) * (1 - m) + vision(x) * m
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad((out * g).sum(), x)
+    (gref,) = torch.autograd.grad((ref * g).sum(), x)
+    torch.testing.assert_close(gx, gref, rtol=1e-6, atol=1e-6)
+
+
+def test_branch_order_is_stable_text_then_vision():
+    is_vision = torch.tensor([[0, 1, 0, 1, 1]], dtype=torch.bool)
+    p = build_packed_seq_params(is_vision)
+    assert p.br_from_seq.tolist() == [0, 2, 1, 3, 4]
+    assert (p.n_text, p.n_vision) == (2, 3)
+    assert torch.equal(p.br_from_seq[p.seq_from_br], torch.arange(5))
 
 
 @pytest.mark.parametrize("pad", [1, 16])
 def test_empty_branch_still_gets_zero_gradient(pad):
     text, vision = _linear(0), _linear(1)
-    x = torch.randn(4, 2, 8, requires_grad=True)
-    p = build_packed_seq_params(torch.zeros(2, 4, dtype=torch.bool))
-    out = route(x, text, vision, p.text_index, p.vision_index, pad_multiple=pad)
+    x = torch.randn(8, 8, requires_grad=True)
+    out = apply_branches(x, text, vision, n_text=8, pad_multiple=pad)
     out.square().sum().backward()
     assert vision.weight.grad is not None and torch.count_nonzero(vision.weight.grad) == 0
     assert torch.count_nonzero(text.weight.grad) > 0
     torch.testing.assert_close(out, text(x))
 
 
-def test_sequence_parallel_local_indices():
+def test_sequence_parallel_layout():
     is_vision = torch.tensor([[0, 1, 1, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    seq = is_vision.t().reshape(-1)  # SEQ order flags
     full = build_packed_seq_params(is_vision)
+    chunks = []
     for rank in range(2):
         p = build_packed_seq_params(is_vision, sequence_parallel_rank=rank, sequence_parallel_size=2)
-        local = is_vision.t()[rank * 4:(rank + 1) * 4].reshape(-1)
-        assert torch.equal(p.local_vision_index, torch.nonzero(local).squeeze(1))
-        assert torch.equal(p.vision_index, full.vision_index)
+        local = seq[rank * 8:(rank + 1) * 8]
+        ordered = local[p.local_from_seq]
+        assert not ordered[:p.local_n_text].any() and ordered[p.local_n_text:].all()
+        assert torch.equal(p.br_from_seq, full.br_from_seq)
+        chunks.append(p.local_from_seq + rank * 8)
+    loc = torch.cat(chunks)  # LOC pos -> SEQ idx
+    assert torch.equal(loc[p.br_from_loc], full.br_from_seq)
+    assert torch.equal(p.br_from_loc[p.loc_from_br], torch.arange(16))
 
 
 def test_segments_and_validation():

@@ -37,6 +37,8 @@ def _args():
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash_attn", "te"])
+    p.add_argument("--ce-fusion", action="store_true",
+                   help="Megatron's fused vocab-parallel cross entropy ('native')")
     p.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
     return p.parse_args()
 
@@ -72,7 +74,8 @@ def _model(args, decoupling, device):
         args.preset or "tiny", **dims, decoupling=decoupling, core_attention_impl=args.attention,
         transformer_impl=args.transformer_impl, bf16=args.dtype == "bf16",
         params_dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
-        use_cpu_initialization=device == "cpu")
+        use_cpu_initialization=device == "cpu", cross_entropy_loss_fusion=args.ce_fusion,
+        cross_entropy_fusion_impl="native")
     return EVEModel(cfg).to(device)
 
 
@@ -112,7 +115,7 @@ def main():
     result = {"device": device if device == "cpu" else torch.cuda.get_device_name(),
               "dtype": args.dtype, "preset": args.preset, "hidden": cfg.hidden_size,
               "layers": cfg.num_layers, "params_routed": parameter_counts(cfg).total,
-              "attention": cfg.attention_impl,
+              "attention": cfg.attention_impl, "ce_fusion": args.ce_fusion,
               "tokens": args.batch * args.seq, "vision_fraction": round(vision_fraction, 3),
               "step_s_routed": round(med["all"], 4), "step_s_dense": round(med["none"], 4),
               "ratio_routed_over_dense": round(med["all"] / med["none"], 4),

@@ -20,4 +20,5 @@ bench() { python3 tools/bench/bench_routing.py --device cuda --dtype bf16 "$@" 2
 bench --hidden 2048 --heads 16 --kv-heads 4 --ffn 5632 --vocab 32768 --layers 8 --seq 4096 --batch 2 --iters 10 --warmup 3
 bench --preset qwen2.5-1.5b --layers 28 --seq 4096 --batch 2 --iters 8 --warmup 3
 bench --preset eve-7b-hd-v2.0 --layers 6 --seq 4096 --batch 1 --iters 8 --warmup 3
+bench --preset qwen2.5-1.5b --layers 28 --seq 4096 --batch 2 --iters 8 --warmup 3 --ce-fusion
 tail -3 "$OUT/bench.err"

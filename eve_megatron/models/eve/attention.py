@@ -12,7 +12,7 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from eve_megatron.models.eve.rope import apply_rotary
-from eve_megatron.models.eve.routing import EVEPackedSeqParams, route
+from eve_megatron.models.eve.routing import EVEPackedSeqParams, apply_branches, permute_rows
 
 
 @dataclass
@@ -27,8 +27,9 @@ class RoutedSelfAttentionSubmodules:
 class RoutedSelfAttention(MegatronModule):
     """GQA self-attention whose projections are chosen per token (text or vision).
 
-    Input is the full sequence ``[s, b, h]`` already replicated on the tensor-parallel
-    group; the output is this rank's partial sum ``[s, b, h]``: the layer reduces it.
+    Input is the full sequence, flattened to ``[T = s*b, h]`` in branch order and already
+    replicated on the tensor-parallel group; the output is this rank's partial sum in the
+    same order: the layer reduces it. Only the core attention sees sequence order.
     """
 
     def __init__(self, config, submodules: RoutedSelfAttentionSubmodules, layer_number: int,
@@ -63,11 +64,12 @@ class RoutedSelfAttention(MegatronModule):
         self.vision_linear_proj = proj() if routed else None
 
     def forward(self, hidden_states: Tensor, params: EVEPackedSeqParams) -> Tensor:
-        """``[s, b, h]`` (replicated) -> partial ``[s, b, h]`` of this TP rank."""
-        s, b = hidden_states.shape[:2]
+        """``[T, h]`` in global branch order (replicated) -> this TP rank's partial ``[T, h]``."""
+        s, b = params.seq_length, params.batch_size
         pad = params.branch_pad_multiple
-        qkv = route(hidden_states, self.linear_qkv, self.vision_linear_qkv,
-                    params.text_index, params.vision_index, pad)
+        qkv = apply_branches(hidden_states, self.linear_qkv, self.vision_linear_qkv,
+                             params.n_text, pad)
+        qkv = permute_rows(qkv, params.seq_from_br, params.br_from_seq)  # -> sequence order
         per_group = self.heads // self.groups
         qkv = qkv.view(s, b, self.groups, (per_group + 2) * self.hn)
         q, k, v = torch.split(qkv, [per_group * self.hn, self.hn, self.hn], dim=-1)
@@ -75,5 +77,6 @@ class RoutedSelfAttention(MegatronModule):
         q = apply_rotary(q, params.cos, params.sin)
         k = apply_rotary(k, params.cos, params.sin)
         context = self.core_attention(q, k, v.contiguous(), packed_seq_params=params)
-        return route(context, self.linear_proj, self.vision_linear_proj,
-                     params.text_index, params.vision_index, pad)
+        context = permute_rows(context.view(s * b, -1), params.br_from_seq, params.seq_from_br)
+        return apply_branches(context, self.linear_proj, self.vision_linear_proj,
+                              params.n_text, pad)

@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import get_pg_rank
 from torch import Tensor
 
-from eve_megatron.models.eve.routing import EVEPackedSeqParams, route
+from eve_megatron.models.eve.routing import EVEPackedSeqParams, apply_branches, permute_rows
 
 
 @dataclass
@@ -75,41 +75,42 @@ class EVETransformerLayer(MegatronModule, BaseTransformerLayer):
 
     def forward(self, hidden_states: Tensor, attention_mask=None, context=None,
                 context_mask=None, rotary_pos_emb=None, packed_seq_params=None, **kwargs):
-        """``[s(/tp), b, h]`` -> same shape; returns ``(hidden_states, context)`` like Megatron."""
+        """``[s(/tp), b, h]`` in branch order -> same; returns ``(hidden_states, context)``."""
         params: EVEPackedSeqParams = packed_seq_params
         if not isinstance(params, EVEPackedSeqParams):
             raise TypeError("EVETransformerLayer needs the batch's EVEPackedSeqParams")
-        pad = params.branch_pad_multiple
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T_local, h]
+        n_local = params.local_n_text
 
-        ln = route(hidden_states, self.input_layernorm, self.vision_input_layernorm,
-                   params.local_text_index, params.local_vision_index)
-        attn = self.self_attention(self._enter_tp(ln), params)
-        hidden_states = hidden_states + self._dropout(self._exit_tp(attn))
+        ln = apply_branches(x, self.input_layernorm, self.vision_input_layernorm, n_local)
+        attn = self.self_attention(self._enter_tp(ln, params), params)
+        x = x + self._dropout(self._exit_tp(attn, params))
 
-        ln = route(hidden_states, self.pre_mlp_layernorm, self.vision_pre_mlp_layernorm,
-                   params.local_text_index, params.local_vision_index)
-        out = route(self._enter_tp(ln), self.mlp, self.vision_mlp,
-                    params.text_index, params.vision_index, pad)
-        hidden_states = hidden_states + self._dropout(self._exit_tp(out))
-        return hidden_states, context
+        ln = apply_branches(x, self.pre_mlp_layernorm, self.vision_pre_mlp_layernorm, n_local)
+        out = apply_branches(self._enter_tp(ln, params), self.mlp, self.vision_mlp,
+                             params.n_text, params.branch_pad_multiple)
+        x = x + self._dropout(self._exit_tp(out, params))
+        return x.view(shape), context
 
-    def _enter_tp(self, x: Tensor) -> Tensor:
-        """Local activations -> the full sequence replicated on the TP group."""
+    def _enter_tp(self, x: Tensor, params: EVEPackedSeqParams) -> Tensor:
+        """This rank's rows -> all rows in global branch order, replicated on the TP group."""
         if self.config.tensor_model_parallel_size == 1:
             return x
-        if self.config.sequence_parallel:
-            return tensor_parallel.gather_from_sequence_parallel_region(
-                x, tensor_parallel_output_grad=True, group=self.tp_group)
-        return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        if not self.config.sequence_parallel:
+            return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        full = tensor_parallel.gather_from_sequence_parallel_region(
+            x, tensor_parallel_output_grad=True, group=self.tp_group)  # LOC order
+        return permute_rows(full, params.br_from_loc, params.loc_from_br)
 
-    def _exit_tp(self, x: Tensor) -> Tensor:
-        """Partial sums of the TP ranks -> the reduced (and SP-scattered) activations."""
+    def _exit_tp(self, x: Tensor, params: EVEPackedSeqParams) -> Tensor:
+        """Partial sums of the TP ranks (branch order) -> reduced rows of this rank."""
         if self.config.tensor_model_parallel_size == 1:
             return x
-        if self.config.sequence_parallel:
-            return tensor_parallel.reduce_scatter_to_sequence_parallel_region(
-                x, group=self.tp_group)
-        return tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=self.tp_group)
+        if not self.config.sequence_parallel:
+            return tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=self.tp_group)
+        x = permute_rows(x, params.loc_from_br, params.br_from_loc)
+        return tensor_parallel.reduce_scatter_to_sequence_parallel_region(x, group=self.tp_group)
 
     def _dropout(self, x: Tensor) -> Tensor:
         if self.hidden_dropout == 0.0:

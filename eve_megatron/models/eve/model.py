@@ -15,7 +15,11 @@ from torch import Tensor
 from eve_megatron.models.eve.config import EVEConfig
 from eve_megatron.models.eve.embedding import EVEEmbedding
 from eve_megatron.models.eve.rope import rotary_cos_sin
-from eve_megatron.models.eve.routing import EVEPackedSeqParams, build_packed_seq_params
+from eve_megatron.models.eve.routing import (
+    EVEPackedSeqParams,
+    build_packed_seq_params,
+    permute_rows,
+)
 from eve_megatron.models.eve.specs import get_eve_block_spec
 
 IGNORE_INDEX = -100
@@ -83,7 +87,8 @@ class EVEModel(LanguageModule):
             is_vision, cu_seqlens, max_seqlen,
             sequence_parallel_rank=get_pg_rank(self.tp_group) if sp else 0,
             sequence_parallel_size=get_pg_size(self.tp_group) if sp else 1,
-            branch_pad_multiple=self.branch_pad_multiple)
+            branch_pad_multiple=self.branch_pad_multiple,
+            routed=self.config.decoupling != "none")
         if int(position_ids.max()) >= self.config.max_sequence_length:
             raise ValueError(f"position id {int(position_ids.max())} >= max_sequence_length "
                              f"{self.config.max_sequence_length}")
@@ -104,11 +109,16 @@ class EVEModel(LanguageModule):
         params = self.packed_seq_params(is_vision, position_ids, cu_seqlens, max_seqlen)
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embedding(tokens, is_vision, pixel_values, image_grid_hw)
+            emb = self.embedding(tokens, is_vision, pixel_values, image_grid_hw)
+            # The decoder keeps each rank's rows in branch order (see routing.py).
+            decoder_input = permute_rows(emb.view(-1, emb.shape[-1]), params.local_from_seq,
+                                         params.seq_from_local).view(emb.shape)
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None,
                               packed_seq_params=params)
         if not self.post_process:
             return hidden
+        hidden = permute_rows(hidden.view(-1, hidden.shape[-1]), params.seq_from_local,
+                              params.local_from_seq).view(hidden.shape)
         weight = self.shared_embedding_or_output_weight() if (
             self.share_embeddings_and_output_weights) else None
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, v/tp]

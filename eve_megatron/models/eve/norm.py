@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class RMSNorm(torch.nn.Module):
-    """Qwen2 RMSNorm: normalise in fp32, scale in the input dtype.
+    """Qwen2 RMSNorm through torch's fused ``rms_norm`` (fp32 math, output in the input dtype).
 
     Under sequence parallelism its weight sees only this rank's tokens, so it is marked
     ``sequence_parallel`` and Megatron's ``finalize_model_grads`` all-reduces its gradient
@@ -21,7 +22,4 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

@@ -1,4 +1,18 @@
-"""Per-micro-batch metadata shared by every layer: packed-attention bounds and modality routing."""
+"""Per-micro-batch metadata shared by every layer: packed-attention bounds and modality layout.
+
+Inside the decoder the residual stream is kept in *branch order*: on every rank, the
+tokens of its sequence chunk (the whole sequence without sequence parallelism) with all
+text tokens first, then all vision tokens, each in sequence order. Every per-token op
+(norms, projections, MLP) then runs each branch on a contiguous slice (``split`` +
+``cat``, no gathers), and only the attention core goes back to sequence order, through
+row permutations whose backward is the inverse permutation (no atomics).
+
+Index spaces of the flattened ``[s * b]`` (sequence-major) tokens:
+``SEQ`` sequence order; ``BR`` global branch order (what the branch linears see after the
+tensor-parallel gather); ``LOC`` the concatenation over sequence-parallel ranks of each
+rank's chunk in branch order (what an all-gather of the stream yields; equals ``BR``
+without sequence parallelism).
+"""
 
 from __future__ import annotations
 
@@ -11,28 +25,61 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index`` whose inverse is known: backward is a gather."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):  # noqa: D102
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: Tensor, index: Optional[Tensor], inverse: Optional[Tensor]) -> Tensor:
+    """``x[index]`` for ``[T, ...]`` rows and a permutation ``index`` (None = identity)."""
+    if index is None:
+        return x
+    return _PermuteRows.apply(x, index, inverse)
+
+
+def _inverse(index: Tensor) -> Tensor:
+    inv = torch.empty_like(index)
+    inv[index] = torch.arange(index.numel(), device=index.device)
+    return inv
+
+
 @dataclass
 class EVEPackedSeqParams(PackedSeqParams):
-    """Megatron's ``PackedSeqParams`` plus which branch every token takes.
-
-    Token indices are into the flattened ``[s * b]`` (sequence-major) order of a
-    ``[s, b, h]`` activation; ``local_*`` indices are into this rank's sequence-parallel
-    shard (equal to the full ones without sequence parallelism).
-    """
+    """Megatron's ``PackedSeqParams`` plus the modality layout of the micro-batch."""
 
     batch_size: int = 0
     seq_length: int = 0
-    text_index: Optional[Tensor] = None
-    vision_index: Optional[Tensor] = None
-    local_text_index: Optional[Tensor] = None
-    local_vision_index: Optional[Tensor] = None
+    routed: bool = False
+    """False for decoupling='none': the stream stays in sequence order."""
+    n_text: int = 0
+    n_vision: int = 0
+    local_n_text: int = 0
+    local_n_vision: int = 0
+    br_from_seq: Optional[Tensor] = None
+    """x_BR = x_SEQ[br_from_seq] (and the inverse ``seq_from_br``)."""
+    seq_from_br: Optional[Tensor] = None
+    local_from_seq: Optional[Tensor] = None
+    """This rank's chunk: x_branch_order = x_seq_order[local_from_seq] (chunk-local indices)."""
+    seq_from_local: Optional[Tensor] = None
+    br_from_loc: Optional[Tensor] = None
+    """Sequence parallelism only: x_BR = x_LOC[br_from_loc] (and ``loc_from_br``)."""
+    loc_from_br: Optional[Tensor] = None
     segment_ids: Optional[Tensor] = None
-    """[b, s] int: which packed sample each token belongs to (None: one sample per row)."""
+    """[b, s] id of the packed sample of each token (None: one sample per row)."""
     cos: Optional[Tensor] = None
     """[s, b, 1, d] rotary cosines for this batch's position ids (fp32)."""
     sin: Optional[Tensor] = None
     branch_pad_multiple: int = 1
-    """Pad each branch's token count to this multiple (16 for FP8 GEMMs)."""
+    """Pad each branch's token count to this multiple (16 for TE/FP8 GEMMs)."""
 
 
 def build_packed_seq_params(
@@ -42,39 +89,57 @@ def build_packed_seq_params(
     sequence_parallel_rank: int = 0,
     sequence_parallel_size: int = 1,
     branch_pad_multiple: int = 1,
+    routed: bool = True,
 ) -> EVEPackedSeqParams:
-    """Routing and packing metadata from the batch's ``is_vision`` ``[b, s]`` and ``cu_seqlens``."""
+    """Layout and packing metadata from the batch's ``is_vision`` ``[b, s]`` and ``cu_seqlens``."""
     b, s = is_vision.shape
     if s % sequence_parallel_size:
         raise ValueError(f"seq_length {s} must divide by the TP size {sequence_parallel_size} "
                          "under sequence parallelism")
-    vision_sb = is_vision.t().contiguous()  # [s, b]
-    text_index, vision_index = _split_indices(vision_sb.reshape(-1))
-    if sequence_parallel_size > 1:
-        chunk = s // sequence_parallel_size
-        local = vision_sb[sequence_parallel_rank * chunk:(sequence_parallel_rank + 1) * chunk]
-        local_text, local_vision = _split_indices(local.reshape(-1))
-    else:
-        local_text, local_vision = text_index, vision_index
+    params = EVEPackedSeqParams(batch_size=b, seq_length=s, routed=routed,
+                                branch_pad_multiple=branch_pad_multiple)
+    if routed:
+        _set_layout(params, is_vision.t().reshape(-1), sequence_parallel_rank,
+                    sequence_parallel_size)
+    _set_packing(params, is_vision.device, cu_seqlens, max_seqlen)
+    return params
 
-    segment_ids = None
+
+def _set_layout(p: EVEPackedSeqParams, vis: Tensor, rank: int, size: int) -> None:
+    chunk = vis.numel() // size
+    p.br_from_seq = torch.argsort(vis.to(torch.int8), stable=True)
+    p.seq_from_br = _inverse(p.br_from_seq)
+    p.n_vision = int(vis.sum())
+    p.n_text = vis.numel() - p.n_vision
+    if size == 1:
+        p.local_from_seq, p.seq_from_local = p.br_from_seq, p.seq_from_br
+        p.local_n_text, p.local_n_vision = p.n_text, p.n_vision
+        return
+    owner = torch.arange(vis.numel(), device=vis.device) // chunk
+    loc_from_seq = torch.argsort(owner * 2 + vis.long(), stable=True)  # LOC pos -> SEQ idx
+    p.local_from_seq = loc_from_seq[rank * chunk:(rank + 1) * chunk] - rank * chunk
+    p.seq_from_local = _inverse(p.local_from_seq)
+    p.local_n_vision = int(vis[rank * chunk:(rank + 1) * chunk].sum())
+    p.local_n_text = chunk - p.local_n_vision
+    p.br_from_loc = _inverse(loc_from_seq)[p.br_from_seq]
+    p.loc_from_br = _inverse(p.br_from_loc)
+
+
+def _set_packing(p: EVEPackedSeqParams, device, cu_seqlens, max_seqlen) -> None:
+    b, s = p.batch_size, p.seq_length
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=is_vision.device)
+        cu_seqlens = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
         max_seqlen = s
     else:
-        cu_seqlens = cu_seqlens.to(device=is_vision.device, dtype=torch.int32)
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
         _check_cu_seqlens(cu_seqlens, b, s)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if len(cu_seqlens) - 1 > b:
-            segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, b, s)
-    return EVEPackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-        max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
-        batch_size=b, seq_length=s, text_index=text_index, vision_index=vision_index,
-        local_text_index=local_text, local_vision_index=local_vision, segment_ids=segment_ids,
-        branch_pad_multiple=branch_pad_multiple,
-    )
+            p.segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, b, s)
+    p.qkv_format = "thd"
+    p.cu_seqlens_q = p.cu_seqlens_kv = cu_seqlens
+    p.max_seqlen_q = p.max_seqlen_kv = max_seqlen
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens: Tensor, b: int, s: int) -> Tensor:
@@ -97,44 +162,19 @@ def _check_cu_seqlens(cu_seqlens: Tensor, b: int, s: int) -> None:
                          "are not in cu_seqlens)")
 
 
-def _split_indices(is_vision_flat: Tensor):
-    vision = torch.nonzero(is_vision_flat).squeeze(1)
-    text = torch.nonzero(~is_vision_flat).squeeze(1)
-    return text, vision
+def apply_branches(x: Tensor, text_fn: Callable, vision_fn: Optional[Callable], n_text: int,
+                   pad_multiple: int = 1) -> Tensor:
+    """``[T, h]`` rows in branch order -> ``cat(text_fn(x[:n_text]), vision_fn(x[n_text:]))``.
 
-
-def route(
-    x: Tensor,
-    text_fn: Callable,
-    vision_fn: Optional[Callable],
-    text_index: Tensor,
-    vision_index: Tensor,
-    pad_multiple: int = 1,
-) -> Tensor:
-    """Run ``text_fn`` on the text tokens of ``x`` and ``vision_fn`` on its vision tokens.
-
-    ``x`` is ``[..., h]`` with tokens in the order the indices refer to; returns
-    ``[..., o]``. Each token goes through exactly one branch. With ``vision_fn=None`` the
-    text branch serves every token. A branch without tokens still runs (on an empty
-    tensor) and stays in the autograd graph, so its parameters always get a gradient.
+    With ``vision_fn=None`` the text function serves every row. A branch without tokens
+    still runs (on an empty slice) and stays in the autograd graph, so its parameters
+    always get a (zero) gradient and data-parallel buckets complete.
     """
     if vision_fn is None:
         return _call(text_fn, x)
-    lead, h = x.shape[:-1], x.shape[-1]
-    flat = x.reshape(-1, h)
-    n_text, n_vision = text_index.numel(), vision_index.numel()
-    if n_vision == 0 or n_text == 0:
-        full_fn, empty_fn = (text_fn, vision_fn) if n_vision == 0 else (vision_fn, text_fn)
-        out = _call_padded(full_fn, flat, pad_multiple)
-        out.index_copy_(0, vision_index if n_vision == 0 else text_index,
-                        _call_padded(empty_fn, flat[:0], pad_multiple))
-        return out.view(*lead, out.shape[-1])
-    out_text = _call_padded(text_fn, flat.index_select(0, text_index), pad_multiple)
-    out_vision = _call_padded(vision_fn, flat.index_select(0, vision_index), pad_multiple)
-    out = flat.new_empty(flat.shape[0], out_text.shape[-1], dtype=out_text.dtype)
-    out.index_copy_(0, text_index, out_text)
-    out.index_copy_(0, vision_index, out_vision)
-    return out.view(*lead, out.shape[-1])
+    xt, xv = x.split([n_text, x.shape[0] - n_text])
+    return torch.cat([_call_padded(text_fn, xt, pad_multiple),
+                      _call_padded(vision_fn, xv, pad_multiple)])
 
 
 def _call(fn: Callable, x: Tensor) -> Tensor:

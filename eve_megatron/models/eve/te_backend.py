@@ -4,7 +4,7 @@ Norms are per branch, so the norm cannot be fused into the following linear: the
 spec uses standalone ``TENorm`` plus TE linears. The branch linears hold a tensor-parallel
 shard and run TE's GEMM (BF16 or FP8) with TE communication disabled: the routed layer
 does the collectives once for both branches. FP8 GEMMs need each branch's token count
-padded to a multiple of 16, which :func:`eve_megatron.models.eve.routing.route` does.
+padded to a multiple of 16, which :func:`eve_megatron.models.eve.routing.apply_branches` does.
 """
 
 from __future__ import annotations
