@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from eve_megatron.models.eve.routing import apply_branches, build_packed_seq_params, permute_rows
+from eve_megatron.models.eve.routing import (
+    Split,
+    apply_branches,
+    build_packed_seq_params,
+    gather_split,
+    permute_rows,
+    scatter_split,
+)
 
 
 def _linear(seed, d_in=8, d_out=5):
@@ -11,17 +18,13 @@ def _linear(seed, d_in=8, d_out=5):
     return torch.nn.Linear(d_in, d_out)
 
 
-def _to_branch(x_seq, p):
-    return permute_rows(x_seq.reshape(-1, x_seq.shape[-1]), p.br_from_seq, p.seq_from_br)
-
-
 def test_branches_equal_dense_blend():
     text, vision = _linear(0), _linear(1)
     x = torch.randn(6, 3, 8, requires_grad=True)  # [s, b, h]
     is_vision = torch.rand(3, 6) > 0.5  # [b, s]
     p = build_packed_seq_params(is_vision)
-    out_br = apply_branches(_to_branch(x, p), text, vision, p.n_text)
-    out = permute_rows(out_br, p.seq_from_br, p.br_from_seq).view(6, 3, 5)
+    branches = gather_split(x.reshape(18, 8), p.br_from_seq, p.n_text)
+    out = scatter_split(apply_branches(branches, text, vision), p.br_from_seq).view(6, 3, 5)
     m = is_vision.t().unsqueeze(-1).float()
     ref = text(x) * (1 - m) + vision(x) * m
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
@@ -36,14 +39,18 @@ def test_branch_order_is_stable_text_then_vision():
     p = build_packed_seq_params(is_vision)
     assert p.br_from_seq.tolist() == [0, 2, 1, 3, 4]
     assert (p.n_text, p.n_vision) == (2, 3)
-    assert torch.equal(p.br_from_seq[p.seq_from_br], torch.arange(5))
+    assert torch.equal(p.br_from_seq[p.seq_from_local], torch.arange(5))
+    x = torch.randn(5, 3, requires_grad=True)
+    y = permute_rows(x, p.br_from_seq, p.seq_from_local)
+    (g,) = torch.autograd.grad((y * torch.arange(15.0).view(5, 3)).sum(), x)
+    assert torch.equal(g, torch.arange(15.0).view(5, 3)[p.seq_from_local])
 
 
 @pytest.mark.parametrize("pad", [1, 16])
 def test_empty_branch_still_gets_zero_gradient(pad):
     text, vision = _linear(0), _linear(1)
     x = torch.randn(8, 8, requires_grad=True)
-    out = apply_branches(x, text, vision, n_text=8, pad_multiple=pad)
+    out = apply_branches(Split.of(x, 8), text, vision, pad_multiple=pad).join()
     out.square().sum().backward()
     assert vision.weight.grad is not None and torch.count_nonzero(vision.weight.grad) == 0
     assert torch.count_nonzero(text.weight.grad) > 0
@@ -64,7 +71,7 @@ def test_sequence_parallel_layout():
         chunks.append(p.local_from_seq + rank * 8)
     loc = torch.cat(chunks)  # LOC pos -> SEQ idx
     assert torch.equal(loc[p.br_from_loc], full.br_from_seq)
-    assert torch.equal(p.br_from_loc[p.loc_from_br], torch.arange(16))
+    assert sorted(p.br_from_loc.tolist()) == list(range(16))
 
 
 def test_segments_and_validation():

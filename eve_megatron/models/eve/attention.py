@@ -12,7 +12,13 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from eve_megatron.models.eve.rope import apply_rotary
-from eve_megatron.models.eve.routing import EVEPackedSeqParams, apply_branches, permute_rows
+from eve_megatron.models.eve.routing import (
+    EVEPackedSeqParams,
+    Split,
+    apply_branches,
+    gather_split,
+    scatter_split,
+)
 
 
 @dataclass
@@ -27,9 +33,9 @@ class RoutedSelfAttentionSubmodules:
 class RoutedSelfAttention(MegatronModule):
     """GQA self-attention whose projections are chosen per token (text or vision).
 
-    Input is the full sequence, flattened to ``[T = s*b, h]`` in branch order and already
-    replicated on the tensor-parallel group; the output is this rank's partial sum in the
-    same order: the layer reduces it. Only the core attention sees sequence order.
+    Input is the full sequence's rows, already replicated on the tensor-parallel group;
+    the output is this rank's partial sums: the layer reduces them. Only the core
+    attention sees sequence order.
     """
 
     def __init__(self, config, submodules: RoutedSelfAttentionSubmodules, layer_number: int,
@@ -63,13 +69,19 @@ class RoutedSelfAttention(MegatronModule):
         self.linear_proj = proj()
         self.vision_linear_proj = proj() if routed else None
 
-    def forward(self, hidden_states: Tensor, params: EVEPackedSeqParams) -> Tensor:
-        """``[T, h]`` in global branch order (replicated) -> this TP rank's partial ``[T, h]``."""
+    def forward(self, x: Union[Split, Tensor], params: EVEPackedSeqParams):
+        """Rows of the full sequence (replicated on the TP group) -> this rank's partial sums.
+
+        Routed models pass a :class:`Split` in branch order and get one back; with
+        decoupling='none' both are ``[T, h]`` tensors in sequence order.
+        """
         s, b = params.seq_length, params.batch_size
         pad = params.branch_pad_multiple
-        qkv = apply_branches(hidden_states, self.linear_qkv, self.vision_linear_qkv,
-                             params.n_text, pad)
-        qkv = permute_rows(qkv, params.seq_from_br, params.br_from_seq)  # -> sequence order
+        if params.routed:
+            qkv = apply_branches(x, self.linear_qkv, self.vision_linear_qkv, pad)
+            qkv = scatter_split(qkv, params.br_from_seq)  # -> sequence order
+        else:
+            qkv = self.linear_qkv(x)[0]
         per_group = self.heads // self.groups
         qkv = qkv.view(s, b, self.groups, (per_group + 2) * self.hn)
         q, k, v = torch.split(qkv, [per_group * self.hn, self.hn, self.hn], dim=-1)
@@ -77,6 +89,8 @@ class RoutedSelfAttention(MegatronModule):
         q = apply_rotary(q, params.cos, params.sin)
         k = apply_rotary(k, params.cos, params.sin)
         context = self.core_attention(q, k, v.contiguous(), packed_seq_params=params)
-        context = permute_rows(context.view(s * b, -1), params.br_from_seq, params.seq_from_br)
-        return apply_branches(context, self.linear_proj, self.vision_linear_proj,
-                              params.n_text, pad)
+        context = context.view(s * b, -1)
+        if not params.routed:
+            return self.linear_proj(context)[0]
+        context = gather_split(context, params.br_from_seq, params.n_text)
+        return apply_branches(context, self.linear_proj, self.vision_linear_proj, pad)

@@ -17,7 +17,13 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import get_pg_rank
 from torch import Tensor
 
-from eve_megatron.models.eve.routing import EVEPackedSeqParams, apply_branches, permute_rows
+from eve_megatron.models.eve.routing import (
+    EVEPackedSeqParams,
+    Split,
+    apply_branches,
+    gather_split,
+    scatter_split,
+)
 
 
 @dataclass
@@ -75,44 +81,70 @@ class EVETransformerLayer(MegatronModule, BaseTransformerLayer):
 
     def forward(self, hidden_states: Tensor, attention_mask=None, context=None,
                 context_mask=None, rotary_pos_emb=None, packed_seq_params=None, **kwargs):
-        """``[s(/tp), b, h]`` in branch order -> same; returns ``(hidden_states, context)``."""
+        """``[s(/tp), b, h]`` in branch order -> same; returns ``(hidden_states, context)``.
+
+        Inside the layer a routed model holds activations as a :class:`Split` (text rows,
+        vision rows) and joins them once, at the end.
+        """
         params: EVEPackedSeqParams = packed_seq_params
         if not isinstance(params, EVEPackedSeqParams):
             raise TypeError("EVETransformerLayer needs the batch's EVEPackedSeqParams")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T_local, h]
-        n_local = params.local_n_text
+        if params.routed:
+            x = Split.of(x, params.local_n_text)
+        pad = params.branch_pad_multiple
 
-        ln = apply_branches(x, self.input_layernorm, self.vision_input_layernorm, n_local)
+        ln = _branches(x, self.input_layernorm, self.vision_input_layernorm)
         attn = self.self_attention(self._enter_tp(ln, params), params)
         x = x + self._dropout(self._exit_tp(attn, params))
 
-        ln = apply_branches(x, self.pre_mlp_layernorm, self.vision_pre_mlp_layernorm, n_local)
-        out = apply_branches(self._enter_tp(ln, params), self.mlp, self.vision_mlp,
-                             params.n_text, params.branch_pad_multiple)
+        ln = _branches(x, self.pre_mlp_layernorm, self.vision_pre_mlp_layernorm)
+        out = _branches(self._enter_tp(ln, params), self.mlp, self.vision_mlp, pad)
         x = x + self._dropout(self._exit_tp(out, params))
+        if params.routed:
+            x = x.join()
         return x.view(shape), context
 
-    def _enter_tp(self, x: Tensor, params: EVEPackedSeqParams) -> Tensor:
-        """This rank's rows -> all rows in global branch order, replicated on the TP group."""
+    def _enter_tp(self, x, params: EVEPackedSeqParams):
+        """This rank's rows -> all rows (global branch order), replicated on the TP group."""
         if self.config.tensor_model_parallel_size == 1:
             return x
         if not self.config.sequence_parallel:
-            return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+            return _per_part(x, lambda t: tensor_parallel.copy_to_tensor_model_parallel_region(
+                t, group=self.tp_group))
+        routed = isinstance(x, Split)
         full = tensor_parallel.gather_from_sequence_parallel_region(
-            x, tensor_parallel_output_grad=True, group=self.tp_group)  # LOC order
-        return permute_rows(full, params.br_from_loc, params.loc_from_br)
+            x.join() if routed else x, tensor_parallel_output_grad=True, group=self.tp_group)
+        return gather_split(full, params.br_from_loc, params.n_text) if routed else full
 
-    def _exit_tp(self, x: Tensor, params: EVEPackedSeqParams) -> Tensor:
-        """Partial sums of the TP ranks (branch order) -> reduced rows of this rank."""
+    def _exit_tp(self, x, params: EVEPackedSeqParams):
+        """Partial sums of the TP ranks -> the reduced rows of this rank."""
         if self.config.tensor_model_parallel_size == 1:
             return x
         if not self.config.sequence_parallel:
-            return tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=self.tp_group)
-        x = permute_rows(x, params.loc_from_br, params.br_from_loc)
-        return tensor_parallel.reduce_scatter_to_sequence_parallel_region(x, group=self.tp_group)
+            return _per_part(x, lambda t: tensor_parallel.reduce_from_tensor_model_parallel_region(
+                t, group=self.tp_group))
+        if not isinstance(x, Split):
+            return tensor_parallel.reduce_scatter_to_sequence_parallel_region(
+                x, group=self.tp_group)
+        local = tensor_parallel.reduce_scatter_to_sequence_parallel_region(
+            scatter_split(x, params.br_from_loc), group=self.tp_group)
+        return Split.of(local, params.local_n_text)
 
-    def _dropout(self, x: Tensor) -> Tensor:
+    def _dropout(self, x):
         if self.hidden_dropout == 0.0:
             return x
-        return F.dropout(x, p=self.hidden_dropout, training=self.training)
+        return _per_part(x, lambda t: F.dropout(t, p=self.hidden_dropout, training=self.training))
+
+
+def _per_part(x, fn):
+    return Split(fn(x.text), fn(x.vision)) if isinstance(x, Split) else fn(x)
+
+
+def _branches(x, text_fn, vision_fn, pad_multiple: int = 1):
+    """Per-branch modules on a :class:`Split`; the text module alone on a plain tensor."""
+    if isinstance(x, Split):
+        return apply_branches(x, text_fn, vision_fn, pad_multiple)
+    out = text_fn(x)
+    return out[0] if isinstance(out, tuple) else out

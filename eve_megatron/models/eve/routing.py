@@ -65,14 +65,12 @@ class EVEPackedSeqParams(PackedSeqParams):
     local_n_text: int = 0
     local_n_vision: int = 0
     br_from_seq: Optional[Tensor] = None
-    """x_BR = x_SEQ[br_from_seq] (and the inverse ``seq_from_br``)."""
-    seq_from_br: Optional[Tensor] = None
+    """x_BR = x_SEQ[br_from_seq]: the sequence position of each branch-order row."""
     local_from_seq: Optional[Tensor] = None
     """This rank's chunk: x_branch_order = x_seq_order[local_from_seq] (chunk-local indices)."""
     seq_from_local: Optional[Tensor] = None
     br_from_loc: Optional[Tensor] = None
-    """Sequence parallelism only: x_BR = x_LOC[br_from_loc] (and ``loc_from_br``)."""
-    loc_from_br: Optional[Tensor] = None
+    """Sequence parallelism only: x_BR = x_LOC[br_from_loc]."""
     segment_ids: Optional[Tensor] = None
     """[b, s] id of the packed sample of each token (None: one sample per row)."""
     cos: Optional[Tensor] = None
@@ -108,11 +106,10 @@ def build_packed_seq_params(
 def _set_layout(p: EVEPackedSeqParams, vis: Tensor, rank: int, size: int) -> None:
     chunk = vis.numel() // size
     p.br_from_seq = torch.argsort(vis.to(torch.int8), stable=True)
-    p.seq_from_br = _inverse(p.br_from_seq)
     p.n_vision = int(vis.sum())
     p.n_text = vis.numel() - p.n_vision
     if size == 1:
-        p.local_from_seq, p.seq_from_local = p.br_from_seq, p.seq_from_br
+        p.local_from_seq, p.seq_from_local = p.br_from_seq, _inverse(p.br_from_seq)
         p.local_n_text, p.local_n_vision = p.n_text, p.n_vision
         return
     owner = torch.arange(vis.numel(), device=vis.device) // chunk
@@ -122,7 +119,6 @@ def _set_layout(p: EVEPackedSeqParams, vis: Tensor, rank: int, size: int) -> Non
     p.local_n_vision = int(vis[rank * chunk:(rank + 1) * chunk].sum())
     p.local_n_text = chunk - p.local_n_vision
     p.br_from_loc = _inverse(loc_from_seq)[p.br_from_seq]
-    p.loc_from_br = _inverse(p.br_from_loc)
 
 
 def _set_packing(p: EVEPackedSeqParams, device, cu_seqlens, max_seqlen) -> None:
@@ -162,19 +158,86 @@ def _check_cu_seqlens(cu_seqlens: Tensor, b: int, s: int) -> None:
                          "are not in cu_seqlens)")
 
 
-def apply_branches(x: Tensor, text_fn: Callable, vision_fn: Optional[Callable], n_text: int,
-                   pad_multiple: int = 1) -> Tensor:
-    """``[T, h]`` rows in branch order -> ``cat(text_fn(x[:n_text]), vision_fn(x[n_text:]))``.
+@dataclass
+class Split:
+    """The rows of one activation held per branch: text rows, then vision rows."""
 
-    With ``vision_fn=None`` the text function serves every row. A branch without tokens
-    still runs (on an empty slice) and stays in the autograd graph, so its parameters
-    always get a (zero) gradient and data-parallel buckets complete.
+    text: Tensor
+    vision: Tensor
+
+    @staticmethod
+    def of(x: Tensor, n_text: int) -> "Split":
+        """Views of the first ``n_text`` rows and of the rest."""
+        text, vision = x.split([n_text, x.shape[0] - n_text])
+        return Split(text, vision)
+
+    def join(self) -> Tensor:
+        """One tensor, text rows first."""
+        return torch.cat([self.text, self.vision])
+
+    def __add__(self, other: "Split") -> "Split":
+        return Split(self.text + other.text, self.vision + other.vision)
+
+
+def apply_branches(x: Split, text_fn: Callable, vision_fn: Optional[Callable],
+                   pad_multiple: int = 1) -> Split:
+    """Run ``text_fn`` on the text rows and ``vision_fn`` on the vision rows.
+
+    With ``vision_fn=None`` the part is shared: ``text_fn`` runs once on all rows. A branch
+    without tokens still runs (on an empty slice) and stays in the autograd graph, so its
+    parameters always get a (zero) gradient and data-parallel buckets complete.
     """
     if vision_fn is None:
-        return _call(text_fn, x)
-    xt, xv = x.split([n_text, x.shape[0] - n_text])
-    return torch.cat([_call_padded(text_fn, xt, pad_multiple),
-                      _call_padded(vision_fn, xv, pad_multiple)])
+        return Split.of(_call(text_fn, x.join()), x.text.shape[0])
+    return Split(_call_padded(text_fn, x.text, pad_multiple),
+                 _call_padded(vision_fn, x.vision, pad_multiple))
+
+
+def _scatter(text: Tensor, vision: Tensor, text_index: Tensor, vision_index: Tensor) -> Tensor:
+    out = text.new_empty(text.shape[0] + vision.shape[0], *text.shape[1:])
+    out.index_copy_(0, text_index, text)
+    out.index_copy_(0, vision_index, vision)
+    return out
+
+
+class _ScatterSplit(torch.autograd.Function):
+    """``out[text_index] = text; out[vision_index] = vision`` (index sets cover all rows)."""
+
+    @staticmethod
+    def forward(ctx, text, vision, text_index, vision_index):  # noqa: D102
+        ctx.save_for_backward(text_index, vision_index)
+        return _scatter(text, vision, text_index, vision_index)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        text_index, vision_index = ctx.saved_tensors
+        return grad.index_select(0, text_index), grad.index_select(0, vision_index), None, None
+
+
+class _GatherSplit(torch.autograd.Function):
+    """``(x[text_index], x[vision_index])`` (index sets cover all rows of ``x``)."""
+
+    @staticmethod
+    def forward(ctx, x, text_index, vision_index):  # noqa: D102
+        ctx.save_for_backward(text_index, vision_index)
+        return x.index_select(0, text_index), x.index_select(0, vision_index)
+
+    @staticmethod
+    def backward(ctx, grad_text, grad_vision):  # noqa: D102
+        text_index, vision_index = ctx.saved_tensors
+        return _scatter(grad_text, grad_vision, text_index, vision_index), None, None
+
+
+def scatter_split(x: Split, destination: Tensor) -> Tensor:
+    """Branch rows -> one tensor; ``destination[j]`` is where branch-order row ``j`` goes
+    (``br_from_seq`` gives sequence order, ``br_from_loc`` the all-gathered order)."""
+    n = x.text.shape[0]
+    return _ScatterSplit.apply(x.text, x.vision, destination[:n], destination[n:])
+
+
+def gather_split(x: Tensor, source: Tensor, n_text: int) -> Split:
+    """Inverse of :func:`scatter_split`: branch rows read from ``x[source]``."""
+    return Split(*_GatherSplit.apply(x, source[:n_text], source[n_text:]))
 
 
 def _call(fn: Callable, x: Tensor) -> Tensor:
