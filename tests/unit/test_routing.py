@@ -7,9 +7,9 @@ from eve_megatron.models.eve.routing import (
     Split,
     apply_branches,
     build_packed_seq_params,
-    gather_split,
+    from_order,
     permute_rows,
-    scatter_split,
+    to_order,
 )
 
 
@@ -23,8 +23,9 @@ def test_branches_equal_dense_blend():
     x = torch.randn(6, 3, 8, requires_grad=True)  # [s, b, h]
     is_vision = torch.rand(3, 6) > 0.5  # [b, s]
     p = build_packed_seq_params(is_vision)
-    branches = gather_split(x.reshape(18, 8), p.br_from_seq, p.n_text)
-    out = scatter_split(apply_branches(branches, text, vision), p.br_from_seq).view(6, 3, 5)
+    branches = from_order(x.reshape(18, 8), p.br_from_seq, p.seq_from_br, p.n_text)
+    out = to_order(apply_branches(branches, text, vision), p.seq_from_br, p.br_from_seq)
+    out = out.view(6, 3, 5)
     m = is_vision.t().unsqueeze(-1).float()
     ref = text(x) * (1 - m) + vision(x) * m
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)

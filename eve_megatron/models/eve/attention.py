@@ -16,8 +16,8 @@ from eve_megatron.models.eve.routing import (
     EVEPackedSeqParams,
     Split,
     apply_branches,
-    gather_split,
-    scatter_split,
+    from_order,
+    to_order,
 )
 
 
@@ -79,7 +79,7 @@ class RoutedSelfAttention(MegatronModule):
         pad = params.branch_pad_multiple
         if params.routed:
             qkv = apply_branches(x, self.linear_qkv, self.vision_linear_qkv, pad)
-            qkv = scatter_split(qkv, params.br_from_seq)  # -> sequence order
+            qkv = to_order(qkv, params.seq_from_br, params.br_from_seq)  # sequence order
         else:
             qkv = self.linear_qkv(x)[0]
         per_group = self.heads // self.groups
@@ -92,5 +92,5 @@ class RoutedSelfAttention(MegatronModule):
         context = context.view(s * b, -1)
         if not params.routed:
             return self.linear_proj(context)[0]
-        context = gather_split(context, params.br_from_seq, params.n_text)
+        context = from_order(context, params.br_from_seq, params.seq_from_br, params.n_text)
         return apply_branches(context, self.linear_proj, self.vision_linear_proj, pad)

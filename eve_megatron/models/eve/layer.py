@@ -21,8 +21,8 @@ from eve_megatron.models.eve.routing import (
     EVEPackedSeqParams,
     Split,
     apply_branches,
-    gather_split,
-    scatter_split,
+    from_order,
+    to_order,
 )
 
 
@@ -116,7 +116,9 @@ class EVETransformerLayer(MegatronModule, BaseTransformerLayer):
         routed = isinstance(x, Split)
         full = tensor_parallel.gather_from_sequence_parallel_region(
             x.join() if routed else x, tensor_parallel_output_grad=True, group=self.tp_group)
-        return gather_split(full, params.br_from_loc, params.n_text) if routed else full
+        if not routed:
+            return full
+        return from_order(full, params.br_from_loc, params.loc_from_br, params.n_text)
 
     def _exit_tp(self, x, params: EVEPackedSeqParams):
         """Partial sums of the TP ranks -> the reduced rows of this rank."""
@@ -129,7 +131,7 @@ class EVETransformerLayer(MegatronModule, BaseTransformerLayer):
             return tensor_parallel.reduce_scatter_to_sequence_parallel_region(
                 x, group=self.tp_group)
         local = tensor_parallel.reduce_scatter_to_sequence_parallel_region(
-            scatter_split(x, params.br_from_loc), group=self.tp_group)
+            to_order(x, params.loc_from_br, params.br_from_loc), group=self.tp_group)
         return Split.of(local, params.local_n_text)
 
     def _dropout(self, x):

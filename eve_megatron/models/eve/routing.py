@@ -65,12 +65,14 @@ class EVEPackedSeqParams(PackedSeqParams):
     local_n_text: int = 0
     local_n_vision: int = 0
     br_from_seq: Optional[Tensor] = None
-    """x_BR = x_SEQ[br_from_seq]: the sequence position of each branch-order row."""
+    """x_BR = x_SEQ[br_from_seq] (and the inverse: x_SEQ = x_BR[seq_from_br])."""
+    seq_from_br: Optional[Tensor] = None
     local_from_seq: Optional[Tensor] = None
     """This rank's chunk: x_branch_order = x_seq_order[local_from_seq] (chunk-local indices)."""
     seq_from_local: Optional[Tensor] = None
     br_from_loc: Optional[Tensor] = None
-    """Sequence parallelism only: x_BR = x_LOC[br_from_loc]."""
+    """Sequence parallelism only: x_BR = x_LOC[br_from_loc] (and ``loc_from_br``)."""
+    loc_from_br: Optional[Tensor] = None
     segment_ids: Optional[Tensor] = None
     """[b, s] id of the packed sample of each token (None: one sample per row)."""
     cos: Optional[Tensor] = None
@@ -106,10 +108,11 @@ def build_packed_seq_params(
 def _set_layout(p: EVEPackedSeqParams, vis: Tensor, rank: int, size: int) -> None:
     chunk = vis.numel() // size
     p.br_from_seq = torch.argsort(vis.to(torch.int8), stable=True)
+    p.seq_from_br = _inverse(p.br_from_seq)
     p.n_vision = int(vis.sum())
     p.n_text = vis.numel() - p.n_vision
     if size == 1:
-        p.local_from_seq, p.seq_from_local = p.br_from_seq, _inverse(p.br_from_seq)
+        p.local_from_seq, p.seq_from_local = p.br_from_seq, p.seq_from_br
         p.local_n_text, p.local_n_vision = p.n_text, p.n_vision
         return
     owner = torch.arange(vis.numel(), device=vis.device) // chunk
@@ -119,6 +122,7 @@ def _set_layout(p: EVEPackedSeqParams, vis: Tensor, rank: int, size: int) -> Non
     p.local_n_vision = int(vis[rank * chunk:(rank + 1) * chunk].sum())
     p.local_n_text = chunk - p.local_n_vision
     p.br_from_loc = _inverse(loc_from_seq)[p.br_from_seq]
+    p.loc_from_br = _inverse(p.br_from_loc)
 
 
 def _set_packing(p: EVEPackedSeqParams, device, cu_seqlens, max_seqlen) -> None:
@@ -193,51 +197,15 @@ def apply_branches(x: Split, text_fn: Callable, vision_fn: Optional[Callable],
                  _call_padded(vision_fn, x.vision, pad_multiple))
 
 
-def _scatter(text: Tensor, vision: Tensor, text_index: Tensor, vision_index: Tensor) -> Tensor:
-    out = text.new_empty(text.shape[0] + vision.shape[0], *text.shape[1:])
-    out.index_copy_(0, text_index, text)
-    out.index_copy_(0, vision_index, vision)
-    return out
+def to_order(x: Split, index: Tensor, inverse: Tensor) -> Tensor:
+    """Branch rows -> one tensor whose row ``k`` is row ``index[k]`` of ``x.join()``
+    (``seq_from_br``: sequence order; ``loc_from_br``: the all-gathered order)."""
+    return permute_rows(x.join(), index, inverse)
 
 
-class _ScatterSplit(torch.autograd.Function):
-    """``out[text_index] = text; out[vision_index] = vision`` (index sets cover all rows)."""
-
-    @staticmethod
-    def forward(ctx, text, vision, text_index, vision_index):  # noqa: D102
-        ctx.save_for_backward(text_index, vision_index)
-        return _scatter(text, vision, text_index, vision_index)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        text_index, vision_index = ctx.saved_tensors
-        return grad.index_select(0, text_index), grad.index_select(0, vision_index), None, None
-
-
-class _GatherSplit(torch.autograd.Function):
-    """``(x[text_index], x[vision_index])`` (index sets cover all rows of ``x``)."""
-
-    @staticmethod
-    def forward(ctx, x, text_index, vision_index):  # noqa: D102
-        ctx.save_for_backward(text_index, vision_index)
-        return x.index_select(0, text_index), x.index_select(0, vision_index)
-
-    @staticmethod
-    def backward(ctx, grad_text, grad_vision):  # noqa: D102
-        text_index, vision_index = ctx.saved_tensors
-        return _scatter(grad_text, grad_vision, text_index, vision_index), None, None
-
-
-def scatter_split(x: Split, destination: Tensor) -> Tensor:
-    """Branch rows -> one tensor; ``destination[j]`` is where branch-order row ``j`` goes
-    (``br_from_seq`` gives sequence order, ``br_from_loc`` the all-gathered order)."""
-    n = x.text.shape[0]
-    return _ScatterSplit.apply(x.text, x.vision, destination[:n], destination[n:])
-
-
-def gather_split(x: Tensor, source: Tensor, n_text: int) -> Split:
-    """Inverse of :func:`scatter_split`: branch rows read from ``x[source]``."""
-    return Split(*_GatherSplit.apply(x, source[:n_text], source[n_text:]))
+def from_order(x: Tensor, index: Tensor, inverse: Tensor, n_text: int) -> Split:
+    """Inverse of :func:`to_order`: branch rows ``x[index]`` (``br_from_seq``, ``br_from_loc``)."""
+    return Split.of(permute_rows(x, index, inverse), n_text)
 
 
 def _call(fn: Callable, x: Tensor) -> Tensor:
