@@ -119,6 +119,9 @@ def main():
               "tokens": args.batch * args.seq, "vision_fraction": round(vision_fraction, 3),
               "step_s_routed": round(med["all"], 4), "step_s_dense": round(med["none"], 4),
               "ratio_routed_over_dense": round(med["all"] / med["none"], 4),
+              "ratio_of_min_times": round(min(times["all"]) / min(times["none"]), 4),
+              "steps_s_routed": [round(t, 3) for t in times["all"]],
+              "steps_s_dense": [round(t, 3) for t in times["none"]],
               "tflops_routed": round(tflops["all"], 2), "tflops_dense": round(tflops["none"], 2)}
     if device == "cuda":
         result["mfu_routed"] = round(tflops["all"] / args.peak_tflops, 4)
