@@ -15,7 +15,7 @@ import torch
 
 from eve_megatron.data.indexed import IndexedDataset, StoredSample
 from eve_megatron.data.packing import PackIndex, build_blend_index, build_pack_index, parse_data_path
-from eve_megatron.data.pixels import decode_blocks
+from eve_megatron.data.pixels import decode_blocks_u8
 
 
 @dataclass
@@ -95,7 +95,8 @@ def sample_arrays(s: StoredSample) -> Dict[str, np.ndarray]:
 
 
 def build_row(samples: Sequence[StoredSample], seq_length: int) -> Dict[str, torch.Tensor]:
-    """One packed row: contract fields for ``[s]`` plus ``seg_lens`` (int32) of the row."""
+    """One packed row: contract fields for ``[s]``, ``seg_lens`` (int32) of the row, and
+    ``pixel_blocks`` (uint8 ``[P, 3, 32, 32]``, normalised by the collate function)."""
     parts = [sample_arrays(s) for s in samples]
     used = sum(len(p["tokens"]) for p in parts)
     if used > seq_length:
@@ -118,13 +119,13 @@ def build_row(samples: Sequence[StoredSample], seq_length: int) -> Dict[str, tor
         pos[at:] = np.arange(seq_length - at)
         seg_lens.append(seq_length - at)
     images = [im for s in samples for im in s.images]
-    pixels = [decode_blocks(im.data, im.hp, im.wp) for im in images]
+    pixels = [decode_blocks_u8(im.data, im.hp, im.wp) for im in images]
     labels_t = torch.from_numpy(labels)
     return {
         "tokens": torch.from_numpy(tokens), "labels": labels_t,
         "loss_mask": (labels_t != -100).float(), "position_ids": torch.from_numpy(pos),
         "is_vision": torch.from_numpy(vis),
-        "pixel_values": torch.cat(pixels) if pixels else torch.zeros(0, 3072),
+        "pixel_blocks": torch.cat(pixels) if pixels else torch.zeros(0, 3, 32, 32, dtype=torch.uint8),
         "image_grid_hw": torch.tensor([[im.hp, im.wp] for im in images],
                                       dtype=torch.int64).view(-1, 2),
         "seg_lens": torch.tensor(seg_lens, dtype=torch.int32),

@@ -15,6 +15,24 @@ from typing import Dict, Iterator, List, Sequence
 import torch
 
 from eve_megatron.data.dataset import EVEPackedDataset
+from eve_megatron.data.pixels import BLOCK_DIM, normalize_blocks
+
+
+def _pixel_values(blocks: List[torch.Tensor]) -> torch.Tensor:
+    """Normalise all rows' uint8 blocks into one float32 ``[P, 3072]`` tensor. Inside a
+    DataLoader worker the tensor is allocated in shared memory, as torch's default
+    collate does, so handing it to the main process copies nothing."""
+    n = sum(b.shape[0] for b in blocks)
+    if torch.utils.data.get_worker_info() is not None and n:
+        storage = torch.UntypedStorage._new_shared(n * BLOCK_DIM * 4)
+        out = torch.tensor([], dtype=torch.float32).set_(storage).view(n, BLOCK_DIM)
+    else:
+        out = torch.empty(n, BLOCK_DIM, dtype=torch.float32)
+    at = 0
+    for b in blocks:
+        normalize_blocks(b, out[at:at + b.shape[0]])
+        at += b.shape[0]
+    return out
 
 
 def collate_rows(rows: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, object]:
@@ -28,7 +46,7 @@ def collate_rows(rows: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, object]:
     torch.cumsum(seg, 0, out=cu[1:])
     batch["cu_seqlens"] = cu.to(torch.int32)
     batch["max_seqlen"] = int(seg.max())
-    batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
+    batch["pixel_values"] = _pixel_values([r["pixel_blocks"] for r in rows])
     batch["image_grid_hw"] = torch.cat([r["image_grid_hw"] for r in rows])
     return batch
 

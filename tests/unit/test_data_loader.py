@@ -86,8 +86,9 @@ def test_rows_match_independent_reference(prefixes):
         assert row["seg_lens"].tolist() == seg and row["image_grid_hw"].tolist() == grid
         assert torch.equal(row["loss_mask"], (row["labels"] != -100).float())
         want = np.concatenate(pix) if pix else np.zeros((0, 3072))
-        assert row["pixel_values"].shape == want.shape and row["pixel_values"].dtype == torch.float32
-        np.testing.assert_allclose(row["pixel_values"].numpy(), want, rtol=0, atol=2e-6)
+        got = collate_rows([row])["pixel_values"]
+        assert got.shape == want.shape and got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=2e-6)
         n_images += len(grid)
     assert n_images > 5  # the check above really compared pixels
 
