@@ -200,3 +200,22 @@ def test_config_errors_are_clear(inputs, tmp_path):
         pp.PreprocessConfig(**base, template="llama").validate()
     with pytest.raises(ValueError, match="neither"):
         pp.run_preprocess(pp.PreprocessConfig(**{**base, "tokenizer": str(tmp_path / "no.txt")}))
+
+
+def test_preprocessed_output_feeds_the_loader(inputs, tmp_path):
+    from eve_megatron.data.dataset import EVEPackedDataset, PackedDataConfig
+    from eve_megatron.data.loader import build_data_loader
+
+    prefix = str(tmp_path / "e2e")
+    assert _cli(inputs, prefix).returncode == 0
+    n = len(IndexedDataset(prefix))
+    ds = EVEPackedDataset(PackedDataConfig([prefix], 1200, num_samples=16, seed=3))
+    seen = []
+    for batch in build_data_loader(ds, 0, 2, num_workers=0):
+        hw = batch["image_grid_hw"]
+        assert int(batch["is_vision"].sum()) == int((1 + hw[:, 0] * (hw[:, 1] + 1)).sum())
+        assert batch["pixel_values"].shape == (int((hw[:, 0] * hw[:, 1]).sum()), 3072)
+        assert batch["cu_seqlens"][-1] == 2 * 1200 and batch["loss_mask"].sum() > 0
+    for g in range(len(ds)):
+        seen += ds.pack_samples(g)[1].tolist()
+    assert len(seen) >= n and sorted(seen[:n]) == list(range(n))  # epoch 0: each sample once
