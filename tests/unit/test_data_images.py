@@ -1,6 +1,5 @@
 """Image preparation on real odd images made here: EXIF, CMYK, 16-bit, alpha, palette, sizes, bombs."""
 
-import io
 import math
 import struct
 import zlib

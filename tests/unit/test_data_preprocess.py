@@ -1,5 +1,6 @@
 """End-to-end preprocessing: every input kind, every bad-input kind, atomic output."""
 
+import io
 import json
 import os
 import subprocess
@@ -87,7 +88,7 @@ def inputs(tmp_path_factory):
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            tar.addfile(info, __import__("io").BytesIO(data))
+            tar.addfile(info, io.BytesIO(data))
     tok = make_hf_tokenizer(str(d / "tok"))
     return {"dir": d, "sizes": sizes, "tok": tok,
             "files": [str(d / "llava.json"), str(d / "caps.jsonl"), str(d / "shard.tar")]}
