@@ -139,6 +139,10 @@ class EVEPackedDataset(torch.utils.data.Dataset):
         self.config = config
         self.datasets = [IndexedDataset(prefix) for _, prefix in config.blend]
         self.streams = [PackStream(ds, config) for ds in self.datasets]
+        self.dataset_index = self.dataset_pack_index = None  # no blending: row g = pack g
+        if len(self.streams) == 1:
+            self.streams[0].ensure(max(1, config.num_samples))
+            return
         self.dataset_index, self.dataset_pack_index = build_blend_index(
             [w for w, _ in config.blend], config.num_samples)
         for d, stream in enumerate(self.streams):  # pack every epoch now, before workers fork
@@ -152,6 +156,8 @@ class EVEPackedDataset(torch.utils.data.Dataset):
         """``(dataset number, sample ids)`` of row ``g``."""
         if not 0 <= g < len(self):
             raise IndexError(f"row {g} out of range (num_samples={len(self)})")
+        if self.dataset_index is None:
+            return 0, self.streams[0].pack(g)
         d = int(self.dataset_index[g])
         return d, self.streams[d].pack(int(self.dataset_pack_index[g]))
 

@@ -14,7 +14,11 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from eve_megatron import _C
+try:
+    from eve_megatron import _C
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError("eve_megatron._C (the C++ extension in csrc/) is not built; run "
+                      "`pip install -e .` or `python setup.py build_ext --inplace`") from exc
 
 
 @dataclass(frozen=True)
