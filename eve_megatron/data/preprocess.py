@@ -178,10 +178,10 @@ def _results(cfg: PreprocessConfig, tok: Tokenizer) -> Iterator[List[Processed]]
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    chunk = max(1, cfg.batch_size // (4 * cfg.workers))
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
         pending = deque()
         for batch in _batches(raws, cfg.batch_size):
+            chunk = max(1, min(8, len(batch) // (4 * cfg.workers)))
             pending.append(pool.map_async(_work, batch, chunksize=chunk))
             if len(pending) >= 2:
                 yield pending.popleft().get()
