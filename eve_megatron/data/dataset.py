@@ -33,6 +33,7 @@ class PackedDataConfig:
     shuffle_window: int = 10000
     """Samples per best-fit-decreasing window."""
     blend: List = field(init=False, default_factory=list)
+    """Derived: ``[(weight, prefix), ...]`` parsed from ``data_path``, weights summing to 1."""
 
     def __post_init__(self) -> None:
         self.blend = parse_data_path(self.data_path)

@@ -47,6 +47,7 @@ class PreprocessConfig:
     seq_length: int = 4096
     """Longest allowed sample (text + image tokens); longer ones are skipped or truncated."""
     image: ImageConfig = field(default_factory=ImageConfig)
+    """AnyRatio max size, decompression-bomb limit and stored encoding."""
     workers: int = 1
     """Worker processes (0 or 1: work in the main process)."""
     truncate: bool = False

@@ -142,13 +142,16 @@ def test_resume_at_any_count_with_any_dp_continues_exactly():
     full = _global_rows(total, 0, 1, 1)
     assert full == list(range(total))
     rng = np.random.default_rng(0)
-    for _ in range(40):
+    for case in range(60):
         mbs1, dp1, mbs2, dp2 = (int(x) for x in rng.integers(1, 5, 4))
-        stop = int(rng.integers(0, 120))
         first = _global_rows(total, 0, mbs1, dp1)
-        consumed = min(len(first), stop * mbs1 * dp1) if stop else int(rng.integers(0, total))
+        if case % 2:  # any count at all, not only a step boundary of the first run
+            consumed = int(rng.integers(0, total + 1))
+        else:
+            consumed = min(len(first), int(rng.integers(0, 120)) * mbs1 * dp1)
         resumed = _global_rows(total, consumed, mbs2, dp2)
-        assert first[:consumed] + resumed == full[:consumed + len(resumed)]
+        assert full[:consumed] + resumed == full[:consumed + len(resumed)]
+        assert first[:min(consumed, len(first))] == full[:min(consumed, len(first))]
         assert total - consumed - len(resumed) < mbs2 * dp2  # only a final partial step is dropped
 
 
