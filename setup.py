@@ -41,6 +41,7 @@ setup(
         "safetensors",
         "transformers>=4.45",
         "sentencepiece",
+        "tokenizers",
         "tensorboard",
     ],
     extras_require={

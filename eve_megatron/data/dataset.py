@@ -1,0 +1,168 @@
+"""The torch ``Dataset`` over packs: one item is one row of the batch contract.
+
+Row ``g`` of the training stream comes from dataset ``d = blend[g]`` (Megatron's
+weighted blending), at position ``k`` of that dataset's pack stream; a pack stream
+concatenates the epochs of the dataset, each packed with ``(seed, epoch)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from eve_megatron.data.indexed import IndexedDataset, StoredSample
+from eve_megatron.data.packing import PackIndex, build_blend_index, build_pack_index, parse_data_path
+from eve_megatron.data.pixels import decode_blocks_u8
+
+
+@dataclass
+class PackedDataConfig:
+    """Which data, how it is packed, how many rows are needed."""
+
+    data_path: List[str]
+    """Megatron ``--data-path``: ``[prefix]`` or ``[w1, prefix1, w2, prefix2, ...]``."""
+    seq_length: int
+    """Tokens per row."""
+    num_samples: int
+    """Rows (packs) the run consumes in total, e.g. train_iters * global_batch_size."""
+    seed: int = 1234
+    """Packing/shuffling seed (the epoch is mixed in)."""
+    shuffle_window: int = 10000
+    """Samples per best-fit-decreasing window."""
+    blend: List = field(init=False, default_factory=list)
+    """Derived: ``[(weight, prefix), ...]`` parsed from ``data_path``, weights summing to 1."""
+
+    def __post_init__(self) -> None:
+        self.blend = parse_data_path(self.data_path)
+        if self.seq_length < 2 or self.num_samples < 0 or self.seed < 0 or self.shuffle_window < 1:
+            raise ValueError(f"bad PackedDataConfig: seq_length={self.seq_length}, "
+                             f"num_samples={self.num_samples}, seed={self.seed}, "
+                             f"shuffle_window={self.shuffle_window}")
+
+
+class PackStream:
+    """Packs of one dataset over consecutive epochs, computed on demand."""
+
+    def __init__(self, dataset: IndexedDataset, config: PackedDataConfig) -> None:
+        lengths = dataset.seq_lengths
+        if len(lengths) == 0:
+            raise ValueError(f"dataset {dataset.prefix} is empty")
+        longest = int(lengths.max())
+        if longest > config.seq_length:
+            raise ValueError(f"dataset {dataset.prefix} has a sample of {longest} tokens > "
+                             f"seq_length {config.seq_length}; preprocess with --seq-length "
+                             f"{config.seq_length}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.config = config
+        self.epochs: List[PackIndex] = []
+        self.starts = [0]  # first stream index of each epoch, then the end
+
+    def ensure(self, count: int) -> None:
+        """Pack enough epochs to cover stream indices ``[0, count)``."""
+        while self.starts[-1] < count:
+            index = build_pack_index(self.lengths, self.config.seq_length, self.config.seed,
+                                     len(self.epochs), self.config.shuffle_window)
+            self.epochs.append(index)
+            self.starts.append(self.starts[-1] + len(index))
+
+    def pack(self, k: int) -> np.ndarray:
+        """Sample ids of stream pack ``k``."""
+        self.ensure(k + 1)
+        e = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return self.epochs[e].pack(k - self.starts[e])
+
+
+def sample_arrays(s: StoredSample) -> Dict[str, np.ndarray]:
+    """Spliced sequence of one sample: tokens (0 at image positions), supervised flags,
+    vision flags, in stream order."""
+    n = len(s.tokens) + sum(im.num_tokens for im in s.images)
+    tokens = np.zeros(n, dtype=np.int64)
+    sup = np.zeros(n, dtype=bool)
+    vis = np.zeros(n, dtype=bool)
+    src, dst = 0, 0
+    for im in s.images + [None]:
+        end = len(s.tokens) if im is None else im.pos
+        tokens[dst:dst + end - src] = s.tokens[src:end]
+        sup[dst:dst + end - src] = s.loss_mask[src:end] != 0
+        dst += end - src
+        src = end
+        if im is not None:
+            vis[dst:dst + im.num_tokens] = True
+            dst += im.num_tokens
+    return {"tokens": tokens, "sup": sup, "vis": vis}
+
+
+def build_row(samples: Sequence[StoredSample], seq_length: int) -> Dict[str, torch.Tensor]:
+    """One packed row: contract fields for ``[s]``, ``seg_lens`` (int32) of the row, and
+    ``pixel_blocks`` (uint8 ``[P, 3, 32, 32]``, normalised by the collate function)."""
+    parts = [sample_arrays(s) for s in samples]
+    used = sum(len(p["tokens"]) for p in parts)
+    if used > seq_length:
+        raise ValueError(f"pack of {used} tokens exceeds seq_length {seq_length}")
+    tokens = np.zeros(seq_length, dtype=np.int64)
+    labels = np.full(seq_length, -100, dtype=np.int64)
+    vis = np.zeros(seq_length, dtype=bool)
+    pos = np.zeros(seq_length, dtype=np.int64)
+    seg_lens, at = [], 0
+    for p in parts:
+        n = len(p["tokens"])
+        tokens[at:at + n] = p["tokens"]
+        nxt = np.where(p["sup"][1:], p["tokens"][1:], -100)
+        labels[at:at + n - 1] = nxt
+        vis[at:at + n] = p["vis"]
+        pos[at:at + n] = np.arange(n)
+        seg_lens.append(n)
+        at += n
+    if at < seq_length:
+        pos[at:] = np.arange(seq_length - at)
+        seg_lens.append(seq_length - at)
+    images = [im for s in samples for im in s.images]
+    pixels = [decode_blocks_u8(im.data, im.hp, im.wp) for im in images]
+    labels_t = torch.from_numpy(labels)
+    return {
+        "tokens": torch.from_numpy(tokens), "labels": labels_t,
+        "loss_mask": (labels_t != -100).float(), "position_ids": torch.from_numpy(pos),
+        "is_vision": torch.from_numpy(vis),
+        "pixel_blocks": torch.cat(pixels) if pixels else torch.zeros(0, 3, 32, 32, dtype=torch.uint8),
+        "image_grid_hw": torch.tensor([[im.hp, im.wp] for im in images],
+                                      dtype=torch.int64).view(-1, 2),
+        "seg_lens": torch.tensor(seg_lens, dtype=torch.int32),
+    }
+
+
+class EVEPackedDataset(torch.utils.data.Dataset):
+    """Rows ``0 .. num_samples-1`` of the blended, packed training stream."""
+
+    def __init__(self, config: PackedDataConfig) -> None:
+        self.config = config
+        self.datasets = [IndexedDataset(prefix) for _, prefix in config.blend]
+        self.streams = [PackStream(ds, config) for ds in self.datasets]
+        self.dataset_index = self.dataset_pack_index = None  # no blending: row g = pack g
+        if len(self.streams) == 1:
+            self.streams[0].ensure(max(1, config.num_samples))
+            return
+        self.dataset_index, self.dataset_pack_index = build_blend_index(
+            [w for w, _ in config.blend], config.num_samples)
+        for d, stream in enumerate(self.streams):  # pack every epoch now, before workers fork
+            used = self.dataset_pack_index[self.dataset_index == d]
+            stream.ensure(int(used.max()) + 1 if len(used) else 1)
+
+    def __len__(self) -> int:
+        return self.config.num_samples
+
+    def pack_samples(self, g: int):
+        """``(dataset number, sample ids)`` of row ``g``."""
+        if not 0 <= g < len(self):
+            raise IndexError(f"row {g} out of range (num_samples={len(self)})")
+        if self.dataset_index is None:
+            return 0, self.streams[0].pack(g)
+        d = int(self.dataset_index[g])
+        return d, self.streams[d].pack(int(self.dataset_pack_index[g]))
+
+    def __getitem__(self, g: int) -> Dict[str, torch.Tensor]:
+        d, ids = self.pack_samples(g)
+        ds = self.datasets[d]
+        return build_row([ds.get(int(i)) for i in ids], self.config.seq_length)

@@ -1,0 +1,247 @@
+"""Offline preprocessing: raw inputs -> tokenised samples + resized images -> indexed dataset.
+
+Bad input never stops the run and is never silent: each skipped sample is counted by
+reason and listed (id, origin, reason, detail) in ``PREFIX.skipped.jsonl``. Worker
+processes do the image and tokenisation work; the main process writes in input order,
+so the output does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from typing import Iterable, Iterator, List, Optional
+
+from eve_megatron.data.images import ImageConfig, ImageError, prepare_image
+from eve_megatron.data.indexed import IndexedDatasetWriter, StoredImage
+from eve_megatron.data.sources import RawError, RawSample, read_inputs
+from eve_megatron.data.templates import (TEMPLATES, TemplateError, normalise_turns,
+                                         render_caption, render_conversation, render_text,
+                                         required_special_tokens, tokenize_segments)
+from eve_megatron.data.tokenizer import Tokenizer, load_tokenizer
+
+SKIP_REASONS = ("bad_json", "bad_tar", "missing_field", "empty_conversation", "bad_conversation",
+                "image_count_mismatch", "missing_image", "bad_image", "decompression_bomb",
+                "too_long", "no_supervised_tokens")
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything one preprocessing run needs (the CLI maps flags 1:1 onto it)."""
+
+    inputs: List[str]
+    """Input files: ``.json`` (LLaVA list), ``.jsonl`` (LLaVA/caption/text lines), ``.tar`` shards."""
+    output_prefix: str
+    """Writes ``PREFIX.bin``, ``PREFIX.idx`` and ``PREFIX.skipped.jsonl``."""
+    tokenizer: str
+    """Local HF tokenizer folder or sentencepiece ``.model``."""
+    template: str = "plain"
+    """One of ``plain``, ``qwen2``, ``chatml``."""
+    image_root: str = "."
+    """Folder that relative image paths of JSON inputs are resolved against."""
+    seq_length: int = 4096
+    """Longest allowed sample (text + image tokens); longer ones are skipped or truncated."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    """AnyRatio max size, decompression-bomb limit and stored encoding."""
+    workers: int = 1
+    """Worker processes (0 or 1: work in the main process)."""
+    truncate: bool = False
+    """Cut the text of too-long samples instead of skipping them (image spans are never cut)."""
+    max_bad_fraction: float = 0.05
+    """Fail (no dataset written) when skipped / seen exceeds this."""
+    system_prompt: Optional[str] = None
+    """Override the template's default system prompt."""
+    batch_size: int = 256
+    """Samples per batch handed to the worker pool (bounds memory)."""
+    progress: bool = True
+    """Show a tqdm progress bar on stderr."""
+
+    def validate(self) -> None:
+        """Raise ValueError with a clear message for an unusable configuration."""
+        if not self.inputs:
+            raise ValueError("at least one --input is needed")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"--template {self.template!r} is not one of {TEMPLATES}")
+        if self.seq_length < 2:
+            raise ValueError(f"--seq-length must be >= 2, got {self.seq_length}")
+        if self.workers < 0 or self.batch_size < 1:
+            raise ValueError("--workers must be >= 0 and batch_size >= 1")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not os.path.isdir(self.image_root):
+            raise ValueError(f"--image-root {self.image_root} is not a directory")
+
+
+@dataclass
+class Processed:
+    """Worker result: a sample ready to write, or a skip (``reason`` set)."""
+
+    sample_id: str
+    origin: str
+    tokens: Optional[List[int]] = None
+    loss_mask: Optional[List[int]] = None
+    images: Optional[List[StoredImage]] = None
+    truncated: bool = False
+    reason: Optional[str] = None
+    detail: str = ""
+
+
+def check_tokenizer(tok: Tokenizer, template: str) -> None:
+    """The template's special tokens must each be one token of the vocabulary."""
+    for special in required_special_tokens(template):
+        if tok.token_id(special) is None:
+            raise ValueError(f"tokenizer {tok.path} has no single token for {special!r}, "
+                             f"which the {template!r} template needs")
+
+
+def _read_image(ref, cfg: PreprocessConfig) -> bytes:
+    if isinstance(ref, bytes):
+        return ref
+    path = ref if os.path.isabs(ref) else os.path.join(cfg.image_root, ref)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ImageError("missing_image", f"{path}: {exc.strerror or exc}") from None
+
+
+def _render(raw: RawSample, cfg: PreprocessConfig):
+    n = len(raw.images)
+    if raw.turns is not None:
+        return render_conversation(normalise_turns(raw.turns), n, cfg.template, cfg.system_prompt)
+    if raw.caption is not None:
+        return render_caption(raw.caption, n, cfg.template, cfg.system_prompt)
+    return render_text(raw.text)
+
+
+def _fit(out: Processed, cfg: PreprocessConfig) -> None:
+    """Apply the --seq-length limit (skip, or truncate the text) in place."""
+    image_tokens = sum(im.num_tokens for im in out.images)
+    total = len(out.tokens) + image_tokens
+    if total <= cfg.seq_length:
+        return
+    keep = cfg.seq_length - image_tokens
+    if not cfg.truncate or keep < max([im.pos for im in out.images], default=0):
+        out.reason = "too_long"
+        out.detail = f"{total} tokens > --seq-length {cfg.seq_length}"
+        return
+    out.tokens, out.loss_mask, out.truncated = out.tokens[:keep], out.loss_mask[:keep], True
+
+
+def process_raw(raw, cfg: PreprocessConfig, tok: Tokenizer) -> Processed:
+    """Turn one raw sample into a :class:`Processed` (never raises for bad data)."""
+    if isinstance(raw, RawError):
+        return Processed(raw.sample_id, raw.origin, reason=raw.reason, detail=raw.detail)
+    out = Processed(raw.sample_id, raw.origin)
+    try:
+        tokens, mask, positions = tokenize_segments(_render(raw, cfg), tok)
+        images = [prepare_image(_read_image(ref, cfg), cfg.image) for ref in raw.images]
+    except (TemplateError, ImageError) as exc:
+        out.reason, out.detail = exc.reason, exc.detail
+        return out
+    out.tokens, out.loss_mask = tokens, mask
+    out.images = [StoredImage(data, hp, wp, pos) for (data, hp, wp), pos in zip(images, positions)]
+    _fit(out, cfg)
+    if out.reason is None and not any(out.loss_mask):
+        out.reason, out.detail = "no_supervised_tokens", "no token carries loss"
+    return out
+
+
+_WORKER = {}
+
+
+def _init_worker(cfg: PreprocessConfig) -> None:
+    _WORKER["cfg"], _WORKER["tok"] = cfg, load_tokenizer(cfg.tokenizer)
+
+
+def _work(raw) -> Processed:
+    return process_raw(raw, _WORKER["cfg"], _WORKER["tok"])
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _results(cfg: PreprocessConfig, tok: Tokenizer) -> Iterator[List[Processed]]:
+    """Processed batches in input order; at most two batches in flight in the pool."""
+    raws = read_inputs(cfg.inputs)
+    if cfg.workers <= 1:
+        for batch in _batches(raws, cfg.batch_size):
+            yield [process_raw(r, cfg, tok) for r in batch]
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+        pending = deque()
+        for batch in _batches(raws, cfg.batch_size):
+            chunk = max(1, min(8, len(batch) // (4 * cfg.workers)))
+            pending.append(pool.map_async(_work, batch, chunksize=chunk))
+            if len(pending) >= 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _metadata(cfg: PreprocessConfig, tok: Tokenizer) -> dict:
+    return {"format": "eve_megatron indexed dataset", "template": cfg.template,
+            "tokenizer": os.path.abspath(cfg.tokenizer), "vocab_size": tok.vocab_size,
+            "seq_length": cfg.seq_length, "image": asdict(cfg.image), "truncate": cfg.truncate,
+            "system_prompt": cfg.system_prompt, "inputs": [os.path.abspath(p) for p in cfg.inputs]}
+
+
+def run_preprocess(cfg: PreprocessConfig) -> dict:
+    """Run preprocessing and return the summary dict (also what the CLI prints).
+
+    The dataset appears under its final name only if the run completes and the bad
+    fraction is within ``cfg.max_bad_fraction``; the skip report is always written.
+    """
+    from tqdm import tqdm
+
+    cfg.validate()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = load_tokenizer(cfg.tokenizer)
+    check_tokenizer(tok, cfg.template)
+    start = time.time()
+    writer = IndexedDatasetWriter(cfg.output_prefix, _metadata(cfg, tok))
+    report_path = cfg.output_prefix + ".skipped.jsonl"
+    counts, truncated, n_tokens, n_image_tokens = Counter(), 0, 0, 0
+    try:
+        with open(report_path + ".tmp", "w", encoding="utf-8") as report, \
+                tqdm(desc="preprocess", unit="sample", file=sys.stderr,
+                     disable=not cfg.progress) as bar:
+            for batch in _results(cfg, tok):
+                for r in batch:
+                    if r.reason is not None:
+                        counts[r.reason] += 1
+                        report.write(json.dumps({"id": r.sample_id, "origin": r.origin,
+                                                 "reason": r.reason, "detail": r.detail}) + "\n")
+                        continue
+                    writer.add(r.tokens, r.loss_mask, r.images)
+                    truncated += r.truncated
+                    n_tokens += len(r.tokens)
+                    n_image_tokens += sum(im.num_tokens for im in r.images)
+                bar.update(len(batch))
+                bar.set_postfix(written=len(writer), skipped=sum(counts.values()))
+    except BaseException:
+        writer.abort()
+        if os.path.exists(report_path + ".tmp"):
+            os.remove(report_path + ".tmp")
+        raise
+    os.replace(report_path + ".tmp", report_path)
+    written, skipped = len(writer), sum(counts.values())
+    bad_fraction = skipped / max(1, written + skipped)
+    failed = written == 0 or bad_fraction > cfg.max_bad_fraction
+    writer.abort() if failed else writer.finalize()
+    return {"written": written, "skipped": skipped, "skipped_by_reason": dict(sorted(counts.items())),
+            "truncated": truncated, "bad_fraction": round(bad_fraction, 6), "failed": failed,
+            "text_tokens": n_tokens, "image_tokens": n_image_tokens,
+            "output": None if failed else cfg.output_prefix, "report": report_path,
+            "seconds": round(time.time() - start, 3)}

@@ -1,0 +1,189 @@
+"""Prompt templates and their loss masks (reference §4), and segment tokenisation.
+
+A rendered sample is a list of :class:`Segment`: text pieces with a ``supervised`` flag
+and image slots. Each text piece is tokenised on its own, so the loss mask is exact.
+``<image>`` markers are removed from their message and put at its front, one
+``<image>\\n`` per image, in order.
+
+- ``plain`` (captions): ``<image>`` + caption + ``\\n``; loss on caption and newline.
+  For conversations the user's text is dropped (only its images stay) and every
+  answer is followed by ``\\n`` and supervised.
+- ``qwen2`` (the release's, NOT ChatML): ``{system} USER: <image>\\n{q1} ASSISTANT: {a1}<|im_end|>USER: ...``;
+  loss on `` {a}<|im_end|>``, everything up to and including `` ASSISTANT:`` masked.
+- ``chatml``: ``<|im_start|>role\\n...<|im_end|>\\n``; loss on the answer and its ``<|im_end|>``.
+
+Text-only documents (a ``text`` field) are always plain: text + ``\\n``, all supervised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from eve_megatron.data.tokenizer import Tokenizer
+
+TEMPLATES = ("plain", "qwen2", "chatml")
+IMAGE_TOKEN = "<image>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+QWEN2_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+CHATML_SYSTEM = "You are a helpful assistant."
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+          "system": "system"}
+
+
+class TemplateError(ValueError):
+    """A sample the template cannot render; ``reason`` is a short tag for reports."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A text piece (``image < 0``) or the slot of image number ``image``."""
+
+    text: str = ""
+    supervised: bool = False
+    image: int = -1
+
+
+def required_special_tokens(template: str) -> Tuple[str, ...]:
+    """Special tokens that must be single tokens of the tokenizer for ``template``."""
+    return {"plain": (), "qwen2": (IM_END,), "chatml": (IM_START, IM_END)}[template]
+
+
+def normalise_turns(conversations) -> List[Tuple[str, str]]:
+    """LLaVA ``conversations`` -> ``[(role, text)]`` with roles user/assistant/system."""
+    if not isinstance(conversations, list) or not conversations:
+        raise TemplateError("empty_conversation", "conversations is empty or not a list")
+    turns = []
+    for k, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise TemplateError("missing_field", f"conversation turn {k} lacks 'from'/'value'")
+        role = _ROLES.get(str(turn["from"]).lower())
+        if role is None or not isinstance(turn["value"], str):
+            raise TemplateError("bad_conversation", f"turn {k}: unknown role {turn['from']!r} "
+                                "or non-text value")
+        turns.append((role, turn["value"]))
+    return turns
+
+
+def _pairs(turns: Sequence[Tuple[str, str]]):
+    """Split off an optional system turn, then (user, assistant) pairs."""
+    system = None
+    if turns and turns[0][0] == "system":
+        system, turns = turns[0][1], turns[1:]
+    if turns and turns[-1][0] == "user":
+        turns = turns[:-1]  # a trailing question without answer carries no loss
+    if not turns:
+        raise TemplateError("empty_conversation", "no user/assistant exchange")
+    pairs = []
+    for k in range(0, len(turns), 2):
+        chunk = turns[k:k + 2]
+        if len(chunk) != 2 or chunk[0][0] != "user" or chunk[1][0] != "assistant":
+            raise TemplateError("bad_conversation", f"turns must alternate user/assistant "
+                                f"(problem at turn {k})")
+        pairs.append((chunk[0][1], chunk[1][1]))
+    return system, pairs
+
+
+def _place_images(pairs, n_images: int):
+    """Per user message: (number of images it holds, text without markers)."""
+    counts = [q.count(IMAGE_TOKEN) for q, _ in pairs]
+    if any(IMAGE_TOKEN in a for _, a in pairs):
+        raise TemplateError("bad_conversation", "<image> inside an assistant answer")
+    if sum(counts) == 0 and n_images:
+        counts[0] = n_images  # no marker: the images go before the first question
+    if sum(counts) != n_images:
+        raise TemplateError("image_count_mismatch",
+                            f"{sum(counts)} <image> markers for {n_images} images")
+    return [(c, q.replace(IMAGE_TOKEN, "").strip() if c else q) for c, (q, _) in zip(counts, pairs)]
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.segments: List[Segment] = []
+        self.next_image = 0
+
+    def text(self, text: str, supervised: bool = False) -> None:
+        if not text:
+            return
+        last = self.segments[-1] if self.segments else None
+        if last is not None and last.image < 0 and last.supervised == supervised:
+            self.segments[-1] = Segment(last.text + text, supervised)
+        else:
+            self.segments.append(Segment(text, supervised))
+
+    def images(self, count: int, newline: bool) -> None:
+        for _ in range(count):
+            self.segments.append(Segment(image=self.next_image))
+            self.next_image += 1
+            if newline:
+                self.text("\n")
+
+
+def render_conversation(turns: Sequence[Tuple[str, str]], n_images: int, template: str,
+                        system_prompt: Optional[str] = None) -> List[Segment]:
+    """Render normalised turns with ``template`` into segments (images in order)."""
+    system, pairs = _pairs(turns)
+    users = _place_images(pairs, n_images)
+    out = _Builder()
+    if template == "plain":
+        for (count, _), (_, answer) in zip(users, pairs):
+            out.images(count, newline=False)
+            out.text(answer + "\n", True)
+    elif template == "qwen2":
+        out.text((system or system_prompt or QWEN2_SYSTEM) + " ")
+        for (count, question), (_, answer) in zip(users, pairs):
+            out.text("USER: ")
+            out.images(count, newline=True)
+            out.text(question + " ASSISTANT:")
+            out.text(" " + answer + IM_END, True)
+    elif template == "chatml":
+        out.text(f"{IM_START}system\n{system or system_prompt or CHATML_SYSTEM}{IM_END}\n")
+        for (count, question), (_, answer) in zip(users, pairs):
+            out.text(f"{IM_START}user\n")
+            out.images(count, newline=True)
+            out.text(f"{question}{IM_END}\n{IM_START}assistant\n")
+            out.text(answer + IM_END, True)
+            out.text("\n")
+    else:
+        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+    return out.segments
+
+
+def render_caption(caption: str, n_images: int, template: str,
+                   system_prompt: Optional[str] = None) -> List[Segment]:
+    """A caption pair: plain renders ``<image>caption\\n``; chat templates render a
+    one-turn conversation whose question is the image and whose answer is the caption."""
+    if not caption.strip():
+        raise TemplateError("missing_field", "empty caption")
+    turns = [("user", IMAGE_TOKEN * n_images), ("assistant", caption.strip())]
+    return render_conversation(turns, n_images, template, system_prompt)
+
+
+def render_text(text: str) -> List[Segment]:
+    """A text-only document: ``text\\n``, every token supervised."""
+    if not text.strip():
+        raise TemplateError("missing_field", "empty text")
+    return [Segment(text + "\n", True)]
+
+
+def tokenize_segments(segments: Sequence[Segment], tokenizer: Tokenizer
+                      ) -> Tuple[List[int], List[int], List[int]]:
+    """Tokens, per-token loss mask (1 = supervised target) and, per image, the text-token
+    index its span is spliced before."""
+    tokens: List[int] = []
+    mask: List[int] = []
+    image_pos: List[int] = []
+    for seg in segments:
+        if seg.image >= 0:
+            image_pos.append(len(tokens))
+            continue
+        ids = tokenizer.encode(seg.text)
+        tokens.extend(ids)
+        mask.extend([int(seg.supervised)] * len(ids))
+    return tokens, mask, image_pos
