@@ -43,6 +43,7 @@ setup(
         "sentencepiece",
         "tokenizers",
         "tensorboard",
+        "psutil",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],

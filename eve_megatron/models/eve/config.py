@@ -59,6 +59,8 @@ class EVEConfig(TransformerConfig):
     def __post_init__(self):
         if self.decoupling not in DECOUPLINGS:
             raise ValueError(f"decoupling must be one of {DECOUPLINGS}, got {self.decoupling!r}")
+        if self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype  # what the stages exchange
         super().__post_init__()
         _validate(self)
 
@@ -139,6 +141,33 @@ def eve_config(preset: str, **overrides) -> EVEConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     kwargs = dict(PRESETS[preset])
+    if not torch.cuda.is_available():
+        kwargs.setdefault("use_cpu_initialization", True)
+    kwargs.update(overrides)
+    return EVEConfig(**kwargs)
+
+
+MODEL_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "kv_channels", "vocab_size", "max_sequence_length", "rotary_base",
+    "share_embeddings_and_output_weights", "decoupling", "vision_hidden_size", "patch_stride",
+    "dense_stride", "layernorm_epsilon", "add_qkv_bias", "normalization", "gated_linear_unit",
+)
+"""The fields that define the model's weights and math (what a checkpoint records)."""
+
+
+def model_fields(cfg: EVEConfig) -> dict:
+    """The architecture of ``cfg`` as plain JSON-able values."""
+    return {name: getattr(cfg, name) for name in MODEL_FIELDS}
+
+
+def config_from_fields(fields: dict, **overrides) -> EVEConfig:
+    """An :class:`EVEConfig` with a recorded architecture plus runtime overrides
+    (parallel layout, dtype, backend). Unknown recorded fields are an error."""
+    unknown = set(fields) - set(MODEL_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown model fields {sorted(unknown)}")
+    kwargs = dict(fields)
     if not torch.cuda.is_available():
         kwargs.setdefault("use_cpu_initialization", True)
     kwargs.update(overrides)

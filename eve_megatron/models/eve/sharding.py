@@ -95,5 +95,6 @@ def gather_full(model, grads: bool = False) -> Dict[str, torch.Tensor]:
                 local = torch.zeros_like(param)
         else:
             local = param.detach()
-        out[global_name(name, offset)] = _tp_gather(local.float(), param)
+        # clone: a snapshot must not alias live parameters (float() of fp32 is a no-op)
+        out[global_name(name, offset)] = _tp_gather(local.detach().float().clone(), param)
     return out

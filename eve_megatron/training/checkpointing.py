@@ -1,0 +1,124 @@
+"""Distributed checkpoints: Megatron-Core ``dist_checkpointing`` in an atomic directory layout.
+
+    SAVE/latest_checkpointed_iteration.txt   the newest complete checkpoint ("100")
+    SAVE/iter_0000100/                       dist_checkpointing shards + common state
+    SAVE/iter_0000100/eve_model.json         the architecture (models.eve.config.MODEL_FIELDS)
+
+A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed once every rank has
+finished; the ``latest`` marker is replaced (write + rename) only after that, so a crash
+or kill during a save leaves the previous checkpoint complete and marked latest. Any
+tensor/pipeline/virtual-pipeline/data-parallel layout can load any other's checkpoint.
+
+The state dict holds ``model`` (``model0``, ``model1``, ... for virtual pipeline chunks)
+and whatever the caller adds through ``extra`` (optimizer, scheduler, RNG, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from megatron.core import dist_checkpointing
+
+from eve_megatron.models.eve.config import model_fields
+
+LATEST = "latest_checkpointed_iteration.txt"
+MODEL_JSON = "eve_model.json"
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    """``root/iter_0000100`` for iteration 100."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The newest complete checkpoint under ``root``, or None."""
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def read_model_fields(root: str, iteration: Optional[int] = None) -> dict:
+    """The architecture recorded with a checkpoint (default: the latest)."""
+    iteration = _resolve(root, iteration)
+    with open(os.path.join(iteration_dir(root, iteration), MODEL_JSON)) as f:
+        return json.load(f)
+
+
+def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict:
+    """``{"model": ...}`` or ``{"model0": ..., "model1": ...}`` for virtual pipeline chunks."""
+    chunks = [getattr(c, "module", c) for c in chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict(prefix="")}
+    return {f"model{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
+
+
+def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
+                    extra: Optional[Dict] = None) -> str:
+    """Collective: save the model chunks (+ ``extra`` sharded state) atomically."""
+    rank = torch.distributed.get_rank()
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    state = model_sharded_state_dict(chunks)
+    state.update(extra or {})
+    dist_checkpointing.save(state, tmp)
+    torch.distributed.barrier()
+    if rank == 0:
+        cfg = getattr(chunks[0], "module", chunks[0]).config
+        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+            json.dump(model_fields(cfg), f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(os.path.join(root, LATEST), str(iteration))
+    torch.distributed.barrier()
+    return final
+
+
+def load_checkpoint(root: str, chunks: List[torch.nn.Module], iteration: Optional[int] = None,
+                    extra: Optional[Dict] = None, strict: bool = True) -> Tuple[int, Dict]:
+    """Collective: load the model chunks in place; returns ``(iteration, loaded extra)``.
+
+    ``extra`` holds sharded templates (e.g. the optimizer's) to load alongside the model.
+    """
+    iteration = _resolve(root, iteration)
+    path = iteration_dir(root, iteration)
+    state = model_sharded_state_dict(chunks)
+    state.update(extra or {})
+    loaded = dist_checkpointing.load(state, path)
+    plain = [getattr(c, "module", c) for c in chunks]
+    keys = ["model"] if len(plain) == 1 else [f"model{i}" for i in range(len(plain))]
+    for chunk, key in zip(plain, keys):
+        chunk.load_state_dict(loaded.pop(key), strict=strict)
+    return iteration, loaded
+
+
+def _resolve(root: str, iteration: Optional[int]) -> int:
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(f"no checkpoint under {root!r} (missing {LATEST})")
+    if not os.path.isdir(iteration_dir(root, iteration)):
+        raise FileNotFoundError(f"checkpoint {iteration_dir(root, iteration)!r} does not exist")
+    return iteration
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
