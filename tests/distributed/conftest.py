@@ -7,9 +7,10 @@ from eve_megatron.testing.launch import run_distributed
 from tests.distributed.hf_workers import make_qwen2, text_tokens
 from tests.unit._data_helpers import make_hf_tokenizer
 
-REFERENCE_CASES = {"v2": dict(decoupling="all", tied=False, seed=31),
-                   "v15": dict(decoupling="mlp", tied=True, seed=32)}
-"""Megatron reference models of the export tests: EVEv2.0 untied, EVEv1.5 tied."""
+REFERENCE_CASES = {"v2": dict(decoupling="all", tied=False, seed=31, layout=(2, 2, None)),
+                   "v15": dict(decoupling="mlp", tied=True, seed=32, layout=(1, 2, 2))}
+"""Megatron reference models of the export tests: EVEv2.0 untied saved at TP2xPP2, EVEv1.5
+tied saved at PP2 with 2 virtual stages (data parallel 2); layout = (TP, PP, VPP)."""
 QWEN2_CASES = ((False, "safetensors", "none"), (True, "bin", "all"))
 """HF Qwen2 imports: (tied, file format, decoupling asked for)."""
 
@@ -18,7 +19,7 @@ QWEN2_CASES = ((False, "safetensors", "none"), (True, "bin", "all"))
 def hf_world(tmp_path_factory):
     """One 4-rank run shared by the conversion tests (rank start-up dominates their cost).
 
-    Returns ``tmp`` (folder), ``megatron`` (case -> checkpoint root saved at TP2xPP2),
+    Returns ``tmp`` (folder), ``megatron`` (case -> checkpoint root at the case's layout),
     ``qwen2`` (list of (transformers logits, last-stage Megatron logits per rank)) and
     ``tokenizer`` (a tiny HF tokenizer folder).
     """

@@ -80,12 +80,13 @@ def reference_full(decoupling: str, tied: bool, seed: int):
     return to_megatron(make_weights(shape, seed=seed), shape)
 
 
-def save_reference(cases, tp: int, pp: int):
-    """Save each case's reference weights as a Megatron checkpoint at TP x PP."""
+def save_reference(cases):
+    """Save each case's reference weights as a Megatron checkpoint at its (TP, PP, VPP)."""
     for case in cases:
-        initialize_parallel(ParallelConfig(tp, pp))
+        tp, pp, vp = case["layout"]
+        initialize_parallel(ParallelConfig(tp, pp, vp))
         cfg = eve_config("tiny", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                         decoupling=case["decoupling"],
+                         virtual_pipeline_model_parallel_size=vp, decoupling=case["decoupling"],
                          share_embeddings_and_output_weights=case["tied"])
         chunks = build_model_chunks(cfg)
         full = reference_full(case["decoupling"], case["tied"], case["seed"])
@@ -107,7 +108,7 @@ def _trainer_state():
 
 
 def conversion_world(imports, saves):
-    """One 4-rank run for the conversion tests: save the reference checkpoints at TP2xPP2,
-    then import the HF Qwen2 folders at TP2xPP2 and return their text logits."""
-    save_reference(saves, tp=2, pp=2)
+    """One 4-rank run for the conversion tests: save the reference checkpoints, then import
+    the HF Qwen2 folders at TP2xPP2 and return their text logits."""
+    save_reference(saves)
     return import_then_logits(imports, tp=2, pp=2)

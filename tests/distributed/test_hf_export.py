@@ -1,7 +1,8 @@
-"""Megatron TP2xPP2 -> HF export: the HF model on the export equals the Megatron model.
+"""Megatron (TP2xPP2, PP2xVPP2) -> HF export: the HF model on the export equals Megatron.
 
-Two reference models (``tests.reference_eve`` weights): EVEv2.0 (decoupling all, untied)
-and EVEv1.5 (decoupling mlp, tied). Checks: round trip through HF back to a TP1 Megatron
+Two reference models (``tests.reference_eve`` weights): EVEv2.0 (decoupling all, untied,
+saved at TP2xPP2) and EVEv1.5 (decoupling mlp, tied, saved at PP2 with 2 virtual stages
+and data parallel 2). Checks: round trip through HF back to a TP1 Megatron
 checkpoint is bit-identical; HF logits on a batch with images of different aspect ratios
 match Megatron's (fp32, rel. error <= 1e-5); KV-cache greedy ``generate`` on the export
 gives the tokens of a cache-free greedy loop over Megatron logits; ``tools/generate.py``.
@@ -41,7 +42,7 @@ def _tool(name, *args):
 
 @pytest.fixture(scope="module")
 def exports(hf_world):
-    """The TP2xPP2 checkpoints exported: v2 by tools/checkpoint/export_hf.py, v15 in-process."""
+    """The checkpoints exported: v2 by tools/checkpoint/export_hf.py, v15 in-process."""
     out = {}
     for key, root in hf_world["megatron"].items():
         folder = str(hf_world["tmp"] / f"hf_{key}")
