@@ -85,6 +85,8 @@ def export_checkpoint(load: str, save: str, tokenizer: Optional[str] = None,
     start = time.time()
     if os.path.exists(save) and not overwrite:
         raise FileExistsError(f"{save!r} exists (pass overwrite=True / --overwrite to replace it)")
+    if tokenizer and not os.path.exists(tokenizer):
+        raise FileNotFoundError(f"tokenizer {tokenizer!r} does not exist")
     source, fields = resolve_checkpoint(load, iteration)
     reader = DistCheckpointReader(source)
     names, planned = plan(reader, fields, DTYPES[dtype] if dtype else None)
@@ -110,7 +112,8 @@ def export_checkpoint(load: str, save: str, tokenizer: Optional[str] = None,
 
 def _write_weights(reader, fields, names, writer: ShardedSafetensorsWriter, progress: bool) -> None:
     heads = heads_of(fields)
-    with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
+    with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="export",
+              disable=not progress) as bar:
         for name in names:
             key, layer = storage_key(name)
             tensor = reader.read(key, layer)
