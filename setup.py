@@ -39,7 +39,7 @@ setup(
         "pyyaml",
         "tqdm",
         "safetensors",
-        "transformers>=4.45",
+        "transformers>=5.0",
         "sentencepiece",
         "tokenizers",
         "tensorboard",

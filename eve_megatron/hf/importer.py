@@ -1,0 +1,210 @@
+"""Hugging Face Qwen2/Qwen2.5 or EVE folder -> Megatron distributed checkpoint (model only).
+
+Every tensor-parallel x pipeline rank builds its model chunk and fills it through
+:func:`models.eve.sharding.load_full_state_dict` from a lazy view of the HF folder: each
+full weight is read and merged (mapping table) only when that rank needs it, then sliced.
+The chunks are saved with ``training.checkpointing.save_checkpoint`` (model only, under
+``SAVE.tmp``, renamed to ``SAVE`` when every rank is done).
+
+- A Qwen2 source gets a fresh patch embedding (seeded, identical on every rank).
+- Vision copies the source lacks (a Qwen2 source imported with ``decoupling`` mlp/all, or
+  an EVE source with fewer decoupled parts) are copies of their text twins: the
+  reference's "copy" step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from typing import Callable, Dict, Optional
+
+import torch
+
+from eve_megatron.hf import config_map
+from eve_megatron.hf.hf_files import HFWeights
+from eve_megatron.hf.mapping import hf_names, hf_to_megatron, vision_twin
+from eve_megatron.hf.progress import FileProgress, write_progress
+from eve_megatron.hf.shapes import expected_shapes, heads_of
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PATCH = "embedding.patch_embedding."
+
+
+def read_source(hf_dir: str, decoupling: Optional[str] = None,
+                vision_hidden_size: int = 1024) -> dict:
+    """Architecture (``MODEL_FIELDS``) of an HF folder, with its preprocessor strides if any."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    fields = config_map.fields_from_hf(cfg, decoupling, vision_hidden_size)
+    pre = os.path.join(hf_dir, "preprocessor_config.json")
+    if config_map.is_eve_config(cfg) and os.path.isfile(pre):
+        with open(pre) as f:
+            p = json.load(f)
+        fields["patch_stride"] = p.get("patch_stride", fields["patch_stride"])
+        fields["dense_stride"] = p.get("dense_stride", fields["dense_stride"])
+    return fields
+
+
+class LazyFullStateDict(Mapping):
+    """Full (TP=1) Megatron weights computed on access from an HF folder."""
+
+    def __init__(self, weights: HFWeights, fields: dict, dtype: torch.dtype, seed: int,
+                 on_read: Optional[Callable[[], None]] = None):
+        self.weights, self.fields, self.dtype, self.seed = weights, fields, dtype, seed
+        self.on_read = on_read
+        self.shapes = expected_shapes(fields)
+        self.heads = heads_of(fields)
+        self.has_vision_tower = any(n.startswith("model.vision_tower.") for n in weights.names())
+        self.used, self.origin = set(), {}
+        self._fresh: Optional[Dict[str, torch.Tensor]] = None
+
+    def __contains__(self, name) -> bool:
+        return name in self.shapes
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def source(self, name: str) -> str:
+        """Where ``name`` comes from: ``hf``, ``text copy`` or ``fresh``; KeyError if nowhere."""
+        if all(h in self.weights for h in hf_names(name)):
+            return "hf"
+        twin = vision_twin(name)
+        if twin and all(h in self.weights for h in hf_names(twin)):
+            return "text copy"
+        if name.startswith(_PATCH) and not self.has_vision_tower:
+            return "fresh"
+        missing = [h for h in hf_names(name) if h not in self.weights]
+        raise KeyError(f"HF tensor {missing[0]!r} (for Megatron {name!r}) is missing from "
+                       f"{self.weights.folder!r}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        origin = self.source(name)
+        if origin == "fresh":
+            tensor = self._fresh_patch_embedding()[name]
+        else:
+            src = name if origin == "hf" else vision_twin(name)
+            self.used.update(hf_names(src))
+            tensor = hf_to_megatron(src, self.weights.read, self.heads)
+        if tuple(tensor.shape) != self.shapes[name]:
+            raise ValueError(f"{name!r} from {self.weights.folder!r} has shape "
+                             f"{tuple(tensor.shape)}, the architecture needs {self.shapes[name]}")
+        self.origin[name] = origin
+        if self.on_read is not None:
+            self.on_read()
+        return tensor.to(self.dtype)
+
+    def _fresh_patch_embedding(self) -> Dict[str, torch.Tensor]:
+        """A new patch embedding drawn from ``seed`` (the same on every rank)."""
+        if self._fresh is None:
+            from eve_megatron.models.eve.config import config_from_fields
+            from eve_megatron.models.eve.patch_embedding import PatchEmbedding
+
+            cfg = config_from_fields(self.fields, use_cpu_initialization=True)
+            with torch.random.fork_rng():
+                torch.manual_seed(self.seed)
+                module = PatchEmbedding(cfg)
+            self._fresh = {_PATCH + k: v.detach() for k, v in module.state_dict().items()}
+        return self._fresh
+
+
+def import_rank(hf_dir: str, save: str, tp: int, pp: int, fields: dict, dtype: str = "fp32",
+                seed: int = 1234, iteration: int = 0, progress_file: Optional[str] = None) -> dict:
+    """Rank function: build this rank's chunk, fill it from ``hf_dir``, save (collective).
+
+    Rank 0 writes ``"done total"`` (tensors of its chunk) to ``progress_file`` as it goes.
+    """
+    from eve_megatron.models.eve import EVEModel
+    from eve_megatron.models.eve.config import config_from_fields
+    from eve_megatron.models.eve.sharding import load_full_state_dict
+    from eve_megatron.parallel import ParallelConfig, initialize_parallel
+    from eve_megatron.training.checkpointing import save_checkpoint
+
+    initialize_parallel(ParallelConfig(tp, pp), seed=seed)
+    torch_dtype = DTYPES[dtype]
+    cfg = config_from_fields(fields, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             params_dtype=torch_dtype, bf16=torch_dtype == torch.bfloat16,
+                             fp16=torch_dtype == torch.float16)
+    model = EVEModel(cfg).to(torch_dtype)
+    report = None
+    if progress_file and torch.distributed.get_rank() == 0:
+        total, done = sum(1 for _ in model.parameters()), [0]
+
+        def report():
+            done[0] += 1
+            write_progress(progress_file, done[0], total)
+    full = LazyFullStateDict(HFWeights(hf_dir), fields, torch_dtype, seed, report)
+    load_full_state_dict(model, full)
+    save_checkpoint(save, iteration, [model])
+    return {"used": sorted(full.used)}
+
+
+def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, decoupling: Optional[str] = None,
+              dtype: Optional[str] = None, vision_hidden_size: int = 1024, seed: int = 1234,
+              iteration: int = 0, overwrite: bool = False, progress: bool = True,
+              timeout: float = 7 * 24 * 3600) -> dict:
+    """Import ``hf_dir`` into the checkpoint root ``save`` with ``tp * pp`` local ranks."""
+    from eve_megatron.testing.launch import run_distributed
+
+    start = time.time()
+    if os.path.exists(save) and not overwrite:
+        raise FileExistsError(f"{save!r} exists (pass overwrite=True / --overwrite to replace it)")
+    fields = read_source(hf_dir, decoupling, vision_hidden_size)
+    if fields["vocab_size"] % tp or fields["num_query_groups"] % tp or fields["ffn_hidden_size"] % tp:
+        raise ValueError(f"TP={tp} must divide vocab_size {fields['vocab_size']}, the "
+                         f"{fields['num_query_groups']} key/value heads and ffn "
+                         f"{fields['ffn_hidden_size']}")
+    if fields["num_layers"] % pp:
+        raise ValueError(f"PP={pp} must divide the {fields['num_layers']} layers")
+    weights = HFWeights(hf_dir)
+    dtype = dtype or _source_dtype(weights)
+    probe = LazyFullStateDict(weights, fields, DTYPES[dtype], seed)
+    origins = {name: probe.source(name) for name in probe}  # fails early, naming what is missing
+    tmp = save.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    progress_file = os.path.join(tmp, ".import_progress")
+    try:
+        with FileProgress(progress_file, "import (rank 0 tensors)", "tensor", progress):
+            results = run_distributed(
+                "eve_megatron.hf.importer:import_rank", tp * pp, timeout=timeout, hf_dir=hf_dir,
+                save=tmp, tp=tp, pp=pp, fields=fields, dtype=dtype, seed=seed,
+                iteration=iteration, progress_file=progress_file)
+        os.remove(progress_file)
+        if os.path.exists(save):
+            shutil.rmtree(save)
+        os.replace(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    used = set().union(*(r["used"] for r in results))
+    element = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    return {"output": save, "source": hf_dir, "tp": tp, "pp": pp, "dtype": dtype,
+            "decoupling": fields["decoupling"], "tensors": len(origins),
+            "bytes": element * sum(_numel(s) for s in probe.shapes.values()),
+            "copied_from_text": sum(o == "text copy" for o in origins.values()),
+            "fresh": sum(o == "fresh" for o in origins.values()),
+            "unused_hf_tensors": sorted(set(weights.names()) - used),
+            "seconds": round(time.time() - start, 3)}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _source_dtype(weights: HFWeights) -> str:
+    """The dtype name of the folder's embedding (what the import keeps by default)."""
+    dtype = weights.dtype("model.embed_tokens.weight")
+    names = {v: k for k, v in DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"unsupported source dtype {dtype}")
+    return names[dtype]
+

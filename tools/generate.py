@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Answer a prompt (optionally about an image) with an exported EVE folder; greedy, fp32, CPU.
+
+Example:
+    python tools/generate.py --model hf/eve-7b --image cat.jpg --prompt "What is in the image?"
+
+The image is resized by the export's preprocessor_config.json max_size (the reference's
+inference rule unless --resize train), the prompt uses the release's qwen2 template and
+system prompt, and decoding stops at <|im_end|>. The answer is the last line of stdout.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.dirname(os.path.dirname(__file__))))
+
+from eve_megatron.data.templates import TEMPLATES  # noqa: E402
+from eve_megatron.hf.generation import answer, load_export  # noqa: E402
+from eve_megatron.hf.processing import RESIZE_RULES  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="exported HF folder")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--template", choices=TEMPLATES, default="qwen2")
+    p.add_argument("--resize", choices=RESIZE_RULES, default="reference",
+                   help="reference: the release's inference resize; train: AnyRatio")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    model, tokenizer, preprocessor = load_export(a.model)
+    text, _ = answer(model, tokenizer, preprocessor, a.prompt, a.image, a.max_new_tokens,
+                     a.template, a.resize)
+    print(text.replace("\n", " "), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
