@@ -97,10 +97,8 @@ def setup(cfg: TrainConfig, forward_step_func: Optional[Callable] = None, hooks=
          f"layout {state.layout}, {cfg.num_microbatches(world)} micro-batches per step, "
          f"starting at iteration {state.iteration}")
     stream = build_train_stream(cfg, state.consumed_samples)
-    trainer = Trainer(cfg, model_config, chunks, ddp, optimizer, scheduler, state, stream,
-                      forward_step_func or default_forward_step, hooks)
-    trainer.counts = counts
-    return trainer
+    return Trainer(cfg, model_config, chunks, ddp, optimizer, scheduler, state, stream,
+                   forward_step_func or default_forward_step, hooks, counts)
 
 
 def _load(cfg, chunks, optimizer, scheduler, state, root, iteration, common,

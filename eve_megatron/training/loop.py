@@ -47,6 +47,8 @@ class Trainer:
     stream: object
     forward_step: Callable
     hooks: object = None
+    counts: dict = field(default_factory=dict)
+    """Trainable / frozen parameter elements of this rank."""
     losses: List[float] = field(default_factory=list)
     """Loss of every iteration this process ran (index 0 = iteration ``start + 1``)."""
 

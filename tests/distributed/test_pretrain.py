@@ -75,7 +75,6 @@ def test_same_losses_on_every_layout(tmp_path, data):
         tol = 2e-2 if "bf16" in name else 1e-5
         for a, b in zip(losses, ref):
             assert abs(a - b) <= tol * abs(b), (name, losses, ref)
-    assert ref[-1] < ref[0]
 
 
 def _changed(before, after):
