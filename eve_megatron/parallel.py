@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -14,16 +14,16 @@ import torch
 
 @dataclass
 class ParallelConfig:
-    """How the ranks are laid out (Megatron-Core names)."""
+    """How the ranks are laid out (Megatron-Core names; help texts in the field metadata)."""
 
-    tensor_model_parallel_size: int = 1
-    """Ranks that split every weight matrix (column/row parallel linears)."""
-    pipeline_model_parallel_size: int = 1
-    """Ranks that split the decoder layers into stages."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    """Model chunks per pipeline rank (interleaved 1F1B); None disables interleaving."""
-    sequence_parallel: bool = False
-    """Shard norms, residuals and dropout along the sequence over the tensor-parallel group."""
+    tensor_model_parallel_size: int = field(default=1, metadata={
+        "help": "ranks that split every weight matrix (column/row parallel linears)"})
+    pipeline_model_parallel_size: int = field(default=1, metadata={
+        "help": "ranks that split the decoder layers into stages"})
+    virtual_pipeline_model_parallel_size: Optional[int] = field(default=None, metadata={
+        "help": "model chunks per pipeline rank (interleaved 1F1B); None disables interleaving"})
+    sequence_parallel: bool = field(default=False, metadata={
+        "help": "shard norms, residuals and dropout along the sequence over the TP group"})
 
     def validate(self, world_size: Optional[int] = None) -> None:
         """Raise ValueError with a clear message on an impossible layout."""

@@ -10,7 +10,9 @@ or kill during a save leaves the previous checkpoint complete and marked latest.
 tensor/pipeline/virtual-pipeline/data-parallel layout can load any other's checkpoint.
 
 The state dict holds ``model`` (``model0``, ``model1``, ... for virtual pipeline chunks)
-and whatever the caller adds through ``extra`` (optimizer, scheduler, RNG, data position).
+and whatever the caller adds through ``extra`` (optimizer, scheduler, RNG, data position:
+see ``training/state.py``). A checkpoint without them (e.g. written by a conversion tool)
+is a "model-only" checkpoint that the trainer loads as a fresh start.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from megatron.core import dist_checkpointing
@@ -61,8 +63,20 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict:
     return {f"model{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
 
 
+Extra = Union[None, Dict, Callable[[Dict], Dict]]
+"""Additional state: a dict, or a function of the model's sharded state dict (the
+optimizer's sharded state is built from it)."""
+
+
+def _with_extra(chunks: List[torch.nn.Module], extra: Extra) -> Dict:
+    state = model_sharded_state_dict(chunks)
+    more = extra(state) if callable(extra) else extra
+    state.update(more or {})
+    return state
+
+
 def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
-                    extra: Optional[Dict] = None) -> str:
+                    extra: Extra = None) -> str:
     """Collective: save the model chunks (+ ``extra`` sharded state) atomically."""
     rank = torch.distributed.get_rank()
     final = iteration_dir(root, iteration)
@@ -72,9 +86,7 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     torch.distributed.barrier()
-    state = model_sharded_state_dict(chunks)
-    state.update(extra or {})
-    dist_checkpointing.save(state, tmp)
+    dist_checkpointing.save(_with_extra(chunks, extra), tmp)
     torch.distributed.barrier()
     if rank == 0:
         cfg = getattr(chunks[0], "module", chunks[0]).config
@@ -88,21 +100,26 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
 
 
 def load_checkpoint(root: str, chunks: List[torch.nn.Module], iteration: Optional[int] = None,
-                    extra: Optional[Dict] = None, strict: bool = True) -> Tuple[int, Dict]:
+                    extra: Extra = None, strict: bool = True) -> Tuple[int, Dict]:
     """Collective: load the model chunks in place; returns ``(iteration, loaded extra)``.
 
     ``extra`` holds sharded templates (e.g. the optimizer's) to load alongside the model.
     """
     iteration = _resolve(root, iteration)
     path = iteration_dir(root, iteration)
-    state = model_sharded_state_dict(chunks)
-    state.update(extra or {})
-    loaded = dist_checkpointing.load(state, path)
+    loaded = dist_checkpointing.load(_with_extra(chunks, extra), path)
     plain = [getattr(c, "module", c) for c in chunks]
     keys = ["model"] if len(plain) == 1 else [f"model{i}" for i in range(len(plain))]
     for chunk, key in zip(plain, keys):
         chunk.load_state_dict(loaded.pop(key), strict=strict)
     return iteration, loaded
+
+
+def load_common(root: str, iteration: Optional[int] = None) -> Tuple[int, Dict]:
+    """``(iteration, common state)``: the non-sharded part (train state, scheduler) of a
+    checkpoint, readable without building a model."""
+    iteration = _resolve(root, iteration)
+    return iteration, dist_checkpointing.load_common_state_dict(iteration_dir(root, iteration))
 
 
 def _resolve(root: str, iteration: Optional[int]) -> int:

@@ -61,6 +61,11 @@ class EVEConfig(TransformerConfig):
             raise ValueError(f"decoupling must be one of {DECOUPLINGS}, got {self.decoupling!r}")
         if self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype  # what the stages exchange
+        if not torch.cuda.is_available():
+            # gloo matches the messages between two ranks in posting order, and Megatron's
+            # batched p2p posts send_prev before send_next: with PP=2 and interleaving,
+            # activations and gradients then swap. Unbatched p2p uses separate groups.
+            self.batch_p2p_comm = False
         super().__post_init__()
         _validate(self)
 

@@ -1,0 +1,37 @@
+"""Small indexed datasets for the training tests (tokens below the tiny preset's vocab)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from eve_megatron.data.indexed import IndexedDatasetWriter, StoredImage
+
+
+def _png(hp: int, wp: int, rng: np.random.Generator) -> bytes:
+    small = rng.integers(0, 256, (hp * 4, wp * 4, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((32 * wp, 32 * hp), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_train_dataset(prefix: str, n: int = 64, seed: int = 0, vocab: int = 500,
+                        text_only_fraction: float = 0.2) -> str:
+    """Caption-like samples: one image of 1x1..2x3 blocks (most samples) then 4-20 tokens,
+    all text supervised; some text-only samples. Returns ``prefix``."""
+    rng = np.random.default_rng(seed)
+    writer = IndexedDatasetWriter(prefix, {"test": True, "vocab_size": vocab})
+    for _ in range(n):
+        t = int(rng.integers(4, 21))
+        tokens = rng.integers(1, vocab, t)
+        mask = np.ones(t, dtype=np.int64)
+        images = []
+        if rng.random() >= text_only_fraction:
+            hp, wp = int(rng.integers(1, 3)), int(rng.integers(1, 4))
+            images.append(StoredImage(_png(hp, wp, rng), hp, wp, 0))
+        writer.add(tokens, mask, images)
+    writer.finalize()
+    return prefix

@@ -1,0 +1,158 @@
+"""Training configuration: recipes, flags, validation, stages, schedules, batch statistics."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+from eve_megatron.training.arguments import apply_recipe, build_parser, parse_config
+from eve_megatron.training.config import ConfigError, TrainConfig
+from eve_megatron.training.data_setup import batch_stats
+from eve_megatron.training.optim import lr_schedule_iters
+from eve_megatron.training.stages import build_model_config, is_trainable, trainable_set
+from tests.reference_eve import RefShape, make_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EVE7B = {"stage0": ("0", 2e-4, 1024, 2048), "stage1.0": ("1.0", 1e-4, 1024, 2048),
+         "stage1.1": ("1.1", 5e-5, 1024, 4096), "stage2": ("2", 2e-5, 512, 4096),
+         "stage3": ("3", 1e-5, 512, 5000)}
+
+
+def _write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_flags_override_recipes_in_order(tmp_path):
+    a = _write(tmp_path, "training:\n  micro_batch_size: 2\n  train_iters: 10\n"
+               "optimizer:\n  lr: 2e-4\n", "a.yaml")
+    b = _write(tmp_path, "training:\n  micro_batch_size: 3\n", "b.yaml")
+    cfg = parse_config(["--config", a, b, "--lr", "5e-5", "--tensor-model-parallel-size", "2",
+                        "--data-path", "0.3", "x", "0.7", "y", "--no-decoupled-weight-decay"])
+    assert cfg.training.micro_batch_size == 3 and cfg.training.train_iters == 10
+    assert cfg.optimizer.lr == 5e-5  # YAML 1.1 '2e-4' strings are read as numbers too
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.data.data_path == ["0.3", "x", "0.7", "y"]
+    assert cfg.optimizer.decoupled_weight_decay is False
+
+
+@pytest.mark.parametrize("text, words", [
+    ("trainig:\n  seed: 1\n", ["unknown section 'trainig'", "did you mean 'training'"]),
+    ("data:\n  seq_lenght: 5\n", ["unknown key in section 'data'", "'seq_lenght'", "seq_length"]),
+    ("training:\n  micro_batch_size: 1.5\n", ["training.micro_batch_size", "integer"]),
+    ("model:\n  bf16: yes please\n", ["model.bf16", "true/false"]),
+    ("training:\n  stage: '4'\n", ["training.stage", "not one of"]),
+    ("- a\n- b\n", ["mapping of sections"]),
+])
+def test_bad_recipes_name_file_section_and_key(tmp_path, text, words):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        apply_recipe(TrainConfig(), path)
+    for word in words + [path]:
+        assert word in str(err.value)
+
+
+def test_validation_messages():
+    cfg = parse_config(["--data-path", "x", "--train-iters", "3", "--global-batch-size", "6",
+                        "--micro-batch-size", "4"])
+    with pytest.raises(ConfigError, match="divisible by micro_batch_size 4"):
+        cfg.validate(world_size=1)
+    cfg = parse_config(["--data-path", "x"])
+    with pytest.raises(ConfigError, match="exactly one of --train-iters"):
+        cfg.validate(1)
+    cfg = parse_config(["--data-path", "x", "--train-iters", "2", "--tensor-model-parallel-size", "3"])
+    with pytest.raises(ConfigError, match="not divisible by TP"):
+        cfg.validate(world_size=4)
+    cfg = parse_config(["--data-path", "x", "--train-iters", "2", "--fp8-format", "hybrid"])
+    with pytest.raises(ConfigError, match="transformer_engine"):
+        cfg.validate(1)
+
+
+def test_every_megatron_flag_of_the_issue_exists():
+    flags = {a for action in build_parser()._actions for a in action.option_strings}
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                 "--sequence-parallel", "--micro-batch-size", "--global-batch-size",
+                 "--seq-length", "--train-samples", "--train-iters", "--lr", "--min-lr",
+                 "--lr-warmup-fraction", "--lr-decay-style", "--weight-decay", "--clip-grad",
+                 "--bf16", "--fp8-format", "--recompute-granularity", "--data-path",
+                 "--tokenizer-model", "--save", "--load", "--save-interval", "--log-interval",
+                 "--seed", "--finetune"):
+        assert flag in flags, flag
+
+
+@pytest.mark.parametrize("name", sorted(EVE7B))
+def test_eve7b_recipes_mirror_the_reference_table(name):
+    stage, lr, gbs, seq = EVE7B[name]
+    cfg = parse_config(["--config", os.path.join(ROOT, "examples", "eve7b", f"{name}.yaml")])
+    cfg.validate(world_size=128)
+    assert (cfg.training.stage, cfg.optimizer.lr, cfg.training.global_batch_size,
+            cfg.data.seq_length) == (stage, lr, gbs, seq)
+    assert cfg.model.bf16 and cfg.optimizer.weight_decay == 0.0
+    assert cfg.optimizer.lr_decay_style == "cosine" and cfg.optimizer.lr_warmup_fraction == 0.03
+    assert trainable_set(cfg) == {"0": "patch_embedding", "1.0": "vision", "1.1": "vision"}.get(
+        stage, "all")
+
+
+def test_quickstart_recipes_parse():
+    for path in glob.glob(os.path.join(ROOT, "examples", "quickstart", "*.yaml")):
+        cfg = parse_config(["--config", path, "--data-path", "x"])
+        cfg.validate(world_size=2)
+
+
+def test_stage_decoupling_rules():
+    cfg = parse_config(["--model-preset", "tiny", "--stage", "0", "--data-path", "x",
+                        "--train-iters", "1"])
+    assert build_model_config(cfg, None).decoupling == "none"
+    cfg.training.stage = "1.0"
+    with pytest.raises(ConfigError, match="copy_vision_branch"):
+        build_model_config(cfg, {"decoupling": "none"} | _tiny_fields())
+    cfg.model.decoupling = "all"
+    with pytest.raises(ConfigError, match="checkpoint .* has 'none'"):
+        build_model_config(cfg, {"decoupling": "none"} | _tiny_fields(), "ckpt")
+
+
+def _tiny_fields():
+    from eve_megatron.models.eve.config import eve_config, model_fields
+
+    fields = model_fields(eve_config("tiny"))
+    fields.pop("decoupling")
+    return fields
+
+
+def test_trainable_sets():
+    names = ["embedding.patch_embedding.conv1.weight", "embedding.word_embeddings.weight",
+             "decoder.layers.0.vision_input_layernorm.weight",
+             "decoder.layers.0.self_attention.vision_linear_qkv.bias",
+             "decoder.layers.0.self_attention.linear_qkv.bias", "decoder.layers.1.vision_mlp.linear_fc1.weight",
+             "decoder.layers.1.mlp.linear_fc2.weight", "output_layer.weight"]
+    assert [is_trainable(n, "patch_embedding") for n in names] == [1, 0, 0, 0, 0, 0, 0, 0]
+    assert [is_trainable(n, "vision") for n in names] == [1, 0, 1, 1, 0, 1, 0, 0]
+    assert all(is_trainable(n, "all") for n in names)
+
+
+def test_warmup_fraction_and_decay_iters():
+    cfg = parse_config(["--data-path", "x", "--train-iters", "200", "--lr-warmup-fraction", "0.03"])
+    assert lr_schedule_iters(cfg) == (6, 200)
+    cfg = parse_config(["--data-path", "x", "--train-samples", "1000", "--global-batch-size", "10",
+                        "--lr-warmup-iters", "100"])
+    with pytest.raises(ConfigError, match="warmup"):
+        lr_schedule_iters(cfg)
+
+
+def test_batch_stats_counts_image_text_and_padding():
+    batch = make_batch(RefShape(), 3, 64, seed=4)
+    stats = batch_stats(batch).tolist()
+    seg = batch["segment_ids"].flatten()
+    image = text = samples = 0
+    for s in seg.unique():  # independent count: per segment, padding = no label and no image
+        m = seg == s
+        vis = batch["is_vision"].flatten()[m]
+        if (batch["labels"].flatten()[m] != -100).any() or vis.any():
+            samples += 1
+            image += int(vis.sum())
+            text += int((~vis).sum())
+    assert stats == [image, text, samples, 3]
+    assert image > 0 and text > 0 and samples < len(seg.unique())
+    assert batch_stats({**batch, "is_vision": torch.zeros_like(batch["is_vision"])})[0] == 0
