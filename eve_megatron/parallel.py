@@ -73,16 +73,16 @@ def initialize_parallel(
     if not use_cuda:
         cpu_backend.activate()
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        backend = "nccl" if use_cuda else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "WORLD_SIZE" in os.environ:  # torchrun (or run_distributed)
+            torch.distributed.init_process_group(backend=backend, timeout=timeout)
+        else:  # a world of one needs no rendezvous port
+            torch.distributed.init_process_group(
+                backend=backend, timeout=timeout, store=torch.distributed.HashStore(),
+                rank=0, world_size=1)
     parallel.validate(torch.distributed.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -104,9 +104,30 @@ def destroy_parallel() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, for a rendezvous.
+
+    Chosen outside the kernel's ephemeral range when possible: a port from that range can
+    be handed to some process's outgoing connection between this check and the bind
+    (EADDRINUSE in a busy test run, where gloo opens many connections).
+    """
+    import random
     import socket
 
+    low, high = 32768, 60999
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):
+        pass
+    candidates = [p for p in random.sample(range(10000, 65000), 200) if not low <= p <= high]
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

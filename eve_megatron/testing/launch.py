@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Any, List
 
-from eve_megatron.parallel import _free_port
+from eve_megatron.parallel import free_port
 
 
 class DistributedRunError(RuntimeError):
@@ -31,7 +31,7 @@ class DistributedRunError(RuntimeError):
 
 def run_distributed(target: str, world_size: int, timeout: float = 600, **kwargs) -> List[Any]:
     """Run ``target(**kwargs)`` on ``world_size`` ranks and return each rank's result."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="eve_dist_") as tmp:
         args_path = os.path.join(tmp, "kwargs.pkl")
         with open(args_path, "wb") as f:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from eve_megatron.parallel import _free_port
+from eve_megatron.parallel import free_port
 from eve_megatron.training import checkpointing
 from tests.training_data import write_train_dataset
 
@@ -32,7 +32,7 @@ def _env():
 def test_two_nodes_rendezvous_then_resume(tmp_path):
     data = write_train_dataset(str(tmp_path / "train"), n=48, seed=5)
     save, tb = str(tmp_path / "ckpt"), str(tmp_path / "tb")
-    port = _free_port()
+    port = free_port()
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
             "--rdzv-id", "eve-test", "--local-addr", "127.0.0.1",
