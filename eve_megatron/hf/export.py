@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from eve_megatron.hf import config_map
 from eve_megatron.hf.dist_reader import DistCheckpointReader, storage_key
-from eve_megatron.hf.hf_files import PlannedTensor, ShardedSafetensorsWriter, plan_shards
+from eve_megatron.hf.hf_files import (PlannedTensor, ShardedSafetensorsWriter, atomic_folder,
+                                      plan_shards, refuse_existing)
 from eve_megatron.hf.mapping import hf_shapes, megatron_to_hf
 from eve_megatron.hf.shapes import expected_shapes, heads_of
 from eve_megatron.training import checkpointing
@@ -83,27 +84,17 @@ def export_checkpoint(load: str, save: str, tokenizer: Optional[str] = None,
                       overwrite: bool = False, progress: bool = True) -> dict:
     """Export ``load`` (a checkpoint root) to the HF folder ``save``; returns a summary."""
     start = time.time()
-    if os.path.exists(save) and not overwrite:
-        raise FileExistsError(f"{save!r} exists (pass overwrite=True / --overwrite to replace it)")
+    refuse_existing(save, overwrite)
     if tokenizer and not os.path.exists(tokenizer):
         raise FileNotFoundError(f"tokenizer {tokenizer!r} does not exist")
     source, fields = resolve_checkpoint(load, iteration)
     reader = DistCheckpointReader(source)
     names, planned = plan(reader, fields, DTYPES[dtype] if dtype else None)
     shards = plan_shards(planned, max_shard_bytes)
-    tmp = save.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_folder(save) as tmp:
         _write_weights(reader, fields, names, ShardedSafetensorsWriter(tmp, shards), progress)
         out_dtype = planned[0].dtype
         _write_side_files(tmp, fields, DTYPE_NAMES[out_dtype], tokenizer, max_image_size)
-        if os.path.exists(save):
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"output": save, "source": source, "tensors": len(planned),
             "bytes": sum(t.nbytes for t in planned), "shards": len(shards),
             "largest_tensor_bytes": max(t.nbytes for t in planned),

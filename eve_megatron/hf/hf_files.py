@@ -8,11 +8,13 @@ straight from their memory (no copy), so memory stays at the tensor being writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -185,3 +187,26 @@ class ShardedSafetensorsWriter:
                      "weight_map": {t.name: self.files[t.shard] for t in self.planned}}
             with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
+
+
+def refuse_existing(save: str, overwrite: bool) -> None:
+    """Fail early when the output folder exists and may not be replaced."""
+    if os.path.exists(save) and not overwrite:
+        raise FileExistsError(f"{save!r} exists (pass overwrite=True / --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_folder(save: str) -> Iterator[str]:
+    """Yield an empty ``SAVE.tmp`` to write into; when the block succeeds it replaces
+    ``save``, when anything fails it is removed: never a partial folder under ``save``."""
+    tmp = save.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(save):
+            shutil.rmtree(save)
+        os.replace(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from typing import Callable, Dict, Optional
@@ -24,7 +23,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from eve_megatron.hf import config_map
-from eve_megatron.hf.hf_files import HFWeights
+from eve_megatron.hf.hf_files import HFWeights, atomic_folder, refuse_existing
 from eve_megatron.hf.mapping import hf_names, hf_to_megatron, vision_twin
 from eve_megatron.hf.progress import FileProgress, write_progress
 from eve_megatron.hf.shapes import expected_shapes, heads_of
@@ -152,8 +151,7 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, decoupling: Opti
     from eve_megatron.testing.launch import run_distributed
 
     start = time.time()
-    if os.path.exists(save) and not overwrite:
-        raise FileExistsError(f"{save!r} exists (pass overwrite=True / --overwrite to replace it)")
+    refuse_existing(save, overwrite)
     fields = read_source(hf_dir, decoupling, vision_hidden_size)
     if fields["vocab_size"] % tp or fields["num_query_groups"] % tp or fields["ffn_hidden_size"] % tp:
         raise ValueError(f"TP={tp} must divide vocab_size {fields['vocab_size']}, the "
@@ -165,23 +163,14 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, decoupling: Opti
     dtype = dtype or _source_dtype(weights)
     probe = LazyFullStateDict(weights, fields, DTYPES[dtype], seed)
     origins = {name: probe.source(name) for name in probe}  # fails early, naming what is missing
-    tmp = save.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    progress_file = os.path.join(tmp, ".import_progress")
-    try:
+    with atomic_folder(save) as tmp:
+        progress_file = os.path.join(tmp, ".import_progress")
         with FileProgress(progress_file, "import (rank 0 tensors)", "tensor", progress):
             results = run_distributed(
                 "eve_megatron.hf.importer:import_rank", tp * pp, timeout=timeout, hf_dir=hf_dir,
                 save=tmp, tp=tp, pp=pp, fields=fields, dtype=dtype, seed=seed,
                 iteration=iteration, progress_file=progress_file)
         os.remove(progress_file)
-        if os.path.exists(save):
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     used = set().union(*(r["used"] for r in results))
     element = torch.empty(0, dtype=DTYPES[dtype]).element_size()
     return {"output": save, "source": hf_dir, "tp": tp, "pp": pp, "dtype": dtype,
