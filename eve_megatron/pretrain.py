@@ -21,7 +21,7 @@ from eve_megatron.parallel import initialize_parallel
 from eve_megatron.training import checkpointing
 from eve_megatron.training.arguments import config_to_dict, parse_config
 from eve_megatron.training.config import ConfigError, TrainConfig
-from eve_megatron.training.data_setup import build_train_stream, check_vocab
+from eve_megatron.training.data_setup import build_train_stream, check_vocab, data_image_settings
 from eve_megatron.training.loop import NonFiniteError, Trainer
 from eve_megatron.training.model_setup import build_model_chunks, wrap_ddp
 from eve_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
@@ -98,7 +98,8 @@ def setup(cfg: TrainConfig, forward_step_func: Optional[Callable] = None, hooks=
          f"starting at iteration {state.iteration}")
     stream = build_train_stream(cfg, state.consumed_samples)
     return Trainer(cfg, model_config, chunks, ddp, optimizer, scheduler, state, stream,
-                   forward_step_func or default_forward_step, hooks, counts)
+                   forward_step_func or default_forward_step, hooks, counts,
+                   image_settings=data_image_settings(cfg))
 
 
 def _load(cfg, chunks, optimizer, scheduler, state, root, iteration, common,

@@ -18,12 +18,16 @@ def _png(hp: int, wp: int, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
+TRAIN_IMAGES = {"max_size": 96, "alpha": "drop"}
+"""The image settings the training datasets' metadata records (as preprocessing does)."""
+
+
 def write_train_dataset(prefix: str, n: int = 64, seed: int = 0, vocab: int = 500,
                         text_only_fraction: float = 0.2) -> str:
     """Caption-like samples: one image of 1x1..2x3 blocks (most samples) then 4-20 tokens,
     all text supervised; some text-only samples. Returns ``prefix``."""
     rng = np.random.default_rng(seed)
-    writer = IndexedDatasetWriter(prefix, {"test": True, "vocab_size": vocab})
+    writer = IndexedDatasetWriter(prefix, {"test": True, "vocab_size": vocab, "image": TRAIN_IMAGES})
     for _ in range(n):
         t = int(rng.integers(4, 21))
         tokens = rng.integers(1, vocab, t)

@@ -4,9 +4,10 @@
 Example:
     python tools/generate.py --model hf/eve-7b --image cat.jpg --prompt "What is in the image?"
 
-The image is resized by the export's preprocessor_config.json max_size (the reference's
-inference rule unless --resize train), the prompt uses the release's qwen2 template and
-system prompt, and decoding stops at <|im_end|>. The answer is the last line of stdout.
+The image is prepared by the export's own image processor (its max_size and alpha rule;
+the reference's inference resize unless --resize train), the prompt uses the release's qwen2
+template and system prompt, decoding stops at <|im_end|> and special tokens are dropped.
+The answer is the last line of stdout, line breaks escaped as \\n (backslashes as \\\\).
 """
 
 import argparse
@@ -16,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.dirname(os.path.dirname(__file__))))
 
 from eve_megatron.data.templates import TEMPLATES  # noqa: E402
-from eve_megatron.hf.generation import answer, load_export  # noqa: E402
+from eve_megatron.hf.generation import answer, escape_line, load_export  # noqa: E402
 from eve_megatron.hf.processing import RESIZE_RULES  # noqa: E402
 
 
@@ -27,17 +28,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--template", choices=TEMPLATES, default="qwen2")
-    p.add_argument("--resize", choices=RESIZE_RULES, default="reference",
-                   help="reference: the release's inference resize; train: AnyRatio")
+    p.add_argument("--resize", choices=RESIZE_RULES, default=None,
+                   help="infer: the release's inference resize (the export's default); "
+                        "train: AnyRatio")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    model, tokenizer, preprocessor = load_export(a.model)
-    text, _ = answer(model, tokenizer, preprocessor, a.prompt, a.image, a.max_new_tokens,
-                     a.template, a.resize)
-    print(text.replace("\n", " "), flush=True)
+    try:
+        for path in a.image:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"image {path!r} does not exist")
+        model, tokenizer, image_processor = load_export(a.model)
+        text, _ = answer(model, tokenizer, image_processor, a.prompt, a.image, a.max_new_tokens,
+                         a.template, a.resize)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"generate: error: {exc}", file=sys.stderr)
+        return 2
+    print(escape_line(text), flush=True)
     return 0
 
 

@@ -5,14 +5,15 @@ EXIF orientation is applied, any mode becomes 8-bit RGB, the AnyRatio training r
 is applied and the result is re-encoded. The loader later only decodes those bytes and
 cuts them into 32x32 blocks (:func:`image_to_blocks`).
 
-Alpha flattening rule: transparent pixels are composited onto WHITE with straight
-(non-premultiplied) alpha, per channel ``out = (c*a + 255*(255-a) + 127) // 255``.
+The rules themselves (RGB conversion and its alpha rule, both resize rules, the
+image-token count, CLIP constants) live in :mod:`eve_megatron.hf.eve_image_rules`, which
+every Hugging Face export also carries, so training and inference agree. Alpha rule by
+default: ``drop`` (the reference's ``convert("RGB")``); ``white`` composites onto white.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Tuple
@@ -20,10 +21,8 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, ImageOps
 
-BLOCK = 32
-"""Pixels per image block side (patch_stride 16 x dense_stride 2)."""
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from eve_megatron.hf.eve_image_rules import (ALPHA_RULES, BLOCK, CLIP_MEAN, CLIP_STD,  # noqa: F401
+                                             anyratio_size, image_token_count, resize, to_rgb)
 
 
 class ImageError(ValueError):
@@ -47,6 +46,9 @@ class ImageConfig:
     """Stored encoding of the resized image: ``jpeg`` (compact) or ``png`` (lossless)."""
     jpeg_quality: int = 95
     """JPEG quality when ``encode_format == 'jpeg'``."""
+    alpha: str = "drop"
+    """Transparency: ``drop`` keeps the colour channels (the reference's ``convert("RGB")``),
+    ``white`` composites onto white. Inference must use the same rule (the export records it)."""
 
     def __post_init__(self) -> None:
         if self.max_size < BLOCK:
@@ -57,55 +59,13 @@ class ImageConfig:
             raise ValueError(f"encode_format must be 'jpeg' or 'png', got {self.encode_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.alpha not in ALPHA_RULES:
+            raise ValueError(f"alpha must be one of {ALPHA_RULES}, got {self.alpha!r}")
 
 
-def image_token_count(hp: int, wp: int) -> int:
-    """Tokens of an image of ``hp x wp`` blocks: class token + rows of ``wp`` blocks + split."""
-    return 1 + hp * (wp + 1)
-
-
-def _round_side(x: float) -> int:
-    return max(BLOCK, int(math.floor(x / BLOCK + 0.5)) * BLOCK)
-
-
-def anyratio_size(width: int, height: int, max_size: int) -> Tuple[int, int]:
-    """AnyRatio training size ``(W', H')``: scale down to area ``max_size**2`` if larger
-    (never up), then round each side to the nearest multiple of 32 (half up, min 32)."""
-    w, h = float(width), float(height)
-    s = math.sqrt(w * h) / max_size
-    if s > 1:
-        w, h = w / s, h / s
-    return _round_side(w), _round_side(h)
-
-
-def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
-    rgb = rgba[..., :3].astype(np.uint32)
-    a = rgba[..., 3:4].astype(np.uint32)
-    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (16-bit scaled by 1/257, alpha onto white)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img).astype(np.float64)
-        if mode != "F":
-            arr = arr / 257.0
-        gray = np.clip(np.floor(arr + 0.5), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif mode in ("LA", "La", "PA", "RGBa"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        return Image.fromarray(_flatten_alpha(np.asarray(img)), "RGB")
-    return img.convert("RGB")
-
-
-def load_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into an upright 8-bit RGB image, refusing decompression bombs."""
+def load_image(data: bytes, max_pixels: int, alpha: str = "drop") -> Image.Image:
+    """Decode ``data`` into an upright 8-bit RGB image (transparency by the ``alpha``
+    rule), refusing decompression bombs."""
     try:
         with warnings.catch_warnings():  # our own limit below decides, not PIL's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -122,7 +82,7 @@ def load_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        return to_rgb(img, alpha)
     except Image.DecompressionBombError as exc:
         raise ImageError("decompression_bomb", str(exc)) from None
     except Exception as exc:
@@ -131,8 +91,7 @@ def load_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def resize_anyratio(img: Image.Image, max_size: int) -> Image.Image:
     """Bicubic AnyRatio resize of an RGB image (no-op when the size already matches)."""
-    size = anyratio_size(img.width, img.height, max_size)
-    return img if size == img.size else img.resize(size, Image.BICUBIC)
+    return resize(img, max_size, "train")
 
 
 def encode_image(img: Image.Image, config: ImageConfig) -> bytes:
@@ -147,7 +106,7 @@ def encode_image(img: Image.Image, config: ImageConfig) -> bytes:
 
 def prepare_image(data: bytes, config: ImageConfig) -> Tuple[bytes, int, int]:
     """Full offline path: decode, upright, RGB, resize, encode. Returns ``(bytes, h', w')``."""
-    img = resize_anyratio(load_image(data, config.max_pixels), config.max_size)
+    img = resize_anyratio(load_image(data, config.max_pixels, config.alpha), config.max_size)
     return encode_image(img, config), img.height // BLOCK, img.width // BLOCK
 
 

@@ -21,12 +21,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from eve_megatron.data.tokenizer import Tokenizer
+from eve_megatron.hf.eve_prompt import IM_END, IM_START, IMAGE_TOKEN, QWEN2_SYSTEM  # noqa: F401
 
 TEMPLATES = ("plain", "qwen2", "chatml")
-IMAGE_TOKEN = "<image>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-QWEN2_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 CHATML_SYSTEM = "You are a helpful assistant."
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "system": "system"}

@@ -20,8 +20,8 @@ class Tokenizer:
         """Token ids of ``text``; special-token strings in it map to their single id."""
         raise NotImplementedError
 
-    def decode(self, ids: List[int]) -> str:
-        """Text of ``ids`` (used by tests and debugging)."""
+    def decode(self, ids: List[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; ``skip_special_tokens`` drops special tokens (``<|im_end|>``...)."""
         raise NotImplementedError
 
     def token_id(self, token: str) -> Optional[int]:
@@ -55,10 +55,10 @@ class HFTokenizer(Tokenizer):
             return self._fast.encode(text, add_special_tokens=False).ids
         return self._slow.encode(text, add_special_tokens=False)
 
-    def decode(self, ids: List[int]) -> str:
+    def decode(self, ids: List[int], skip_special_tokens: bool = False) -> str:
         if self._fast is not None:
-            return self._fast.decode(list(ids), skip_special_tokens=False)
-        return self._slow.decode(list(ids), skip_special_tokens=False)
+            return self._fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._slow.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -74,7 +74,9 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> List[int]:
         return list(self._sp.encode(text))
 
-    def decode(self, ids: List[int]) -> str:
+    def decode(self, ids: List[int], skip_special_tokens: bool = False) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if not (self._sp.is_control(i) or self._sp.is_unknown(i))]
         return self._sp.decode(list(ids))
 
     def token_id(self, token: str) -> Optional[int]:

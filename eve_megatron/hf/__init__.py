@@ -2,8 +2,10 @@
 
 - ``mapping``: the one declarative name table (fused q/k/v and [gate; up] helpers);
 - ``config_map``: architecture <-> ``config.json`` / ``preprocessor_config.json``;
-- ``export`` / ``importer``: Megatron checkpoint -> HF folder (streaming) and back;
-- ``configuration_eve_qwen2`` / ``modeling_eve_qwen2``: ``EVEQwen2ForCausalLM``, copied into
-  every export for ``trust_remote_code`` (they depend on ``transformers`` only);
-- ``processing`` / ``generation``: inference resize, prompts, greedy answers.
+- ``export`` / ``export_files`` / ``importer``: Megatron checkpoint -> HF folder (streaming)
+  and back;
+- shipped in every export (transformers, torch, numpy, PIL only): ``configuration_eve_qwen2``,
+  ``modeling_eve_qwen2``, ``eve_layers``, ``eve_generation``, ``eve_image_rules``, ``eve_prompt``,
+  ``image_processing_eve_qwen2``, ``processing_eve_qwen2``;
+- ``processing`` / ``generation``: training-exact prompts, greedy answers (``tools/generate.py``).
 """

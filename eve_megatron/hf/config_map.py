@@ -10,26 +10,31 @@ from __future__ import annotations
 
 from typing import Optional
 
-from eve_megatron.data.images import CLIP_MEAN, CLIP_STD
+from eve_megatron.hf.eve_image_rules import CLIP_MEAN, CLIP_STD
+from eve_megatron.hf.eve_prompt import IMAGE_TOKEN_INDEX
 
-IMAGE_TOKEN_INDEX = -200
-"""Id that marks image-token positions in HF ``input_ids`` (the reference's placeholder)."""
 
 _MOE_PART = {"none": "", "mlp": "mlp", "all": "layernorm-self_attn-mlp"}
 AUTO_MAP = {
     "AutoConfig": "configuration_eve_qwen2.EVEQwen2Config",
+    "AutoModel": "modeling_eve_qwen2.EVEQwen2Model",
     "AutoModelForCausalLM": "modeling_eve_qwen2.EVEQwen2ForCausalLM",
+    "AutoModelForImageTextToText": "modeling_eve_qwen2.EVEQwen2ForCausalLM",
+    "AutoProcessor": "processing_eve_qwen2.EVEProcessor",
+}
+PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "image_processing_eve_qwen2.EVEImageProcessor",
+    "AutoProcessor": "processing_eve_qwen2.EVEProcessor",
 }
 
 
-def vision_tower_name(max_size: int, patch_stride: int) -> str:
-    """``mm_vision_tower`` value: the release's name of its preprocessor config folder."""
-    return f"openai/eve-anyratio-res{max_size}-patch{patch_stride}"
-
-
-def hf_config(fields: dict, dtype: str, max_image_size: int,
+def hf_config(fields: dict, dtype: str, vision_tower: Optional[str] = None,
               bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None) -> dict:
-    """The released-layout ``config.json`` of an architecture (``MODEL_FIELDS`` dict)."""
+    """The released-layout ``config.json`` of an architecture (``MODEL_FIELDS`` dict).
+
+    ``vision_tower`` (``mm_vision_tower``) is the folder holding the image processor
+    config, read only by the official EVEv2 code (an export writes its own absolute path).
+    """
     import transformers
 
     if not fields.get("add_qkv_bias", True):
@@ -65,7 +70,7 @@ def hf_config(fields: dict, dtype: str, max_image_size: int,
         "mm_hidden_size": fields["vision_hidden_size"],
         "add_moe": decoupling != "none",
         "moe_part": _MOE_PART[decoupling],
-        "mm_vision_tower": vision_tower_name(max_image_size, fields["patch_stride"]),
+        "mm_vision_tower": vision_tower,
         "patch_stride": fields["patch_stride"],
         "dense_stride": fields["dense_stride"],
         "image_token_index": IMAGE_TOKEN_INDEX,
@@ -76,14 +81,25 @@ def hf_config(fields: dict, dtype: str, max_image_size: int,
     return cfg
 
 
-def preprocessor_config(max_size: int, patch_stride: int, dense_stride: int) -> dict:
-    """The released ``preprocessor_config.json`` (CLIP image processor style)."""
+def preprocessor_config(max_size: int, patch_stride: int, dense_stride: int,
+                        alpha: str = "drop", resize_mode: str = "infer") -> dict:
+    """``preprocessor_config.json``: the released keys (CLIP image processor style, read by the
+    official code) plus what ``EVEImageProcessor`` needs (``auto_map``, ``resize_mode``, ``alpha``)."""
     return {
+        "auto_map": dict(PROCESSOR_AUTO_MAP),
+        "image_processor_type": "EVEImageProcessor", "processor_class": "EVEProcessor",
         "do_center_crop": False, "do_normalize": True, "do_resize": False,
         "feature_extractor_type": "CLIPFeatureExtractor",
         "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "resample": 3,
         "max_size": max_size, "patch_stride": patch_stride, "dense_stride": dense_stride,
+        "resize_mode": resize_mode, "alpha": alpha,
     }
+
+
+def processor_config() -> dict:
+    """``processor_config.json``: how ``AutoProcessor`` finds ``EVEProcessor``."""
+    return {"processor_class": "EVEProcessor",
+            "auto_map": {"AutoProcessor": PROCESSOR_AUTO_MAP["AutoProcessor"]}}
 
 
 def decoupling_of(cfg: dict) -> str:

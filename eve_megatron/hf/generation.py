@@ -1,14 +1,15 @@
 """Greedy answers from an exported EVE folder (what ``tools/generate.py`` runs).
 
-The model is loaded the way users load it (``AutoModelForCausalLM.from_pretrained(DIR,
-trust_remote_code=True)``, i.e. the modelling code copied into the export), the image
-is resized by the export's ``preprocessor_config.json`` ``max_size``, the prompt is the
-release's qwen2 template with its system prompt, and decoding stops at ``<|im_end|>``.
+The model and its image processor are loaded the way users load them
+(``AutoModelForCausalLM``/``AutoProcessor.from_pretrained(DIR, trust_remote_code=True)``,
+i.e. the code copied into the export, with its ``max_size`` and ``alpha`` settings),
+the prompt is the training template's (release qwen2 template and system prompt by
+default), decoding stops at ``<|im_end|>`` and the answer drops special tokens, as the
+official decoding does.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -16,19 +17,30 @@ import torch
 
 from eve_megatron.data.templates import IM_END
 from eve_megatron.data.tokenizer import Tokenizer, load_tokenizer
-from eve_megatron.hf.processing import load_inference_image, prompt_ids
+from eve_megatron.hf.processing import prompt_ids
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype keyword in the installed transformers (``dtype`` from 4.56)."""
+    import transformers
+    from packaging.version import Version
+
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {name: dtype}
 
 
 def load_export(model_dir: str, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer, preprocessor config)`` of an exported folder (offline, eval mode)."""
-    from transformers import AutoModelForCausalLM
+    """``(model, tokenizer, image processor)`` of an exported folder (offline, eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype,
-                                                 local_files_only=True)
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"{model_dir!r} is not an exported model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
+                                                 local_files_only=True, **dtype_kwarg(dtype))
     model.eval()
-    with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
-        preprocessor = json.load(f)
-    return model, load_tokenizer(model_dir), preprocessor
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True,
+                                              local_files_only=True)
+    return model, load_tokenizer(model_dir), processor.image_processor
 
 
 @torch.no_grad()
@@ -48,11 +60,17 @@ def greedy(model, input_ids: Sequence[int], images: Sequence[torch.Tensor], max_
     return new
 
 
-def answer(model, tokenizer: Tokenizer, preprocessor: dict, prompt: str,
+def answer(model, tokenizer: Tokenizer, image_processor, prompt: str,
            image_paths: Sequence[str] = (), max_new_tokens: int = 256, template: str = "qwen2",
-           resize_rule: str = "reference") -> Tuple[str, List[int]]:
-    """``(answer text, answer token ids)`` of one prompt with optional images."""
-    images = [load_inference_image(p, preprocessor["max_size"], resize_rule) for p in image_paths]
+           resize_rule: Optional[str] = None) -> Tuple[str, List[int]]:
+    """``(answer text without special tokens, answer token ids)`` of one prompt; images by
+    the export's image processor (``resize_rule`` overrides its ``resize_mode``)."""
+    images = [image_processor.process_one(p, resize_mode=resize_rule) for p in image_paths]
     ids = prompt_ids(tokenizer, prompt, images, template)
     new = greedy(model, ids, images, max_new_tokens, tokenizer.token_id(IM_END))
-    return tokenizer.decode(new).strip(), new
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), new
+
+
+def escape_line(text: str) -> str:
+    """``text`` on one line: backslashes, carriage returns and line breaks escaped."""
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")

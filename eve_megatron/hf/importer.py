@@ -32,6 +32,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PATCH = "embedding.patch_embedding."
 
 
+def read_image_settings(hf_dir: str) -> dict:
+    """``checkpointing.IMAGE_KEYS`` of an EVE folder from its ``preprocessor_config.json``
+    (``{}`` for a plain Qwen2 folder). The official release drops alpha."""
+    pre = os.path.join(hf_dir, "preprocessor_config.json")
+    if not os.path.isfile(pre):
+        return {}
+    with open(pre) as f:
+        p = json.load(f)
+    if "max_size" not in p:
+        return {}
+    return {"max_image_size": int(p["max_size"]), "alpha": p.get("alpha", "drop")}
+
+
 def read_source(hf_dir: str, decoupling: Optional[str] = None,
                 vision_hidden_size: int = 1024) -> dict:
     """Architecture (``MODEL_FIELDS``) of an HF folder, with its preprocessor strides if any."""
@@ -114,7 +127,8 @@ class LazyFullStateDict(Mapping):
 
 def import_rank(hf_dir: str, save: str, tp: int, pp: int, fields: dict, dtype: str = "fp32",
                 seed: int = 1234, iteration: int = 0, progress_file: Optional[str] = None) -> dict:
-    """Rank function: build this rank's chunk, fill it from ``hf_dir``, save (collective).
+    """Rank function: build this rank's chunk, fill it from ``hf_dir``, save (collective)
+    with the source's image settings (an EVE folder's ``preprocessor_config.json``).
 
     Rank 0 writes ``"done total"`` (tensors of its chunk) to ``progress_file`` as it goes.
     """
@@ -139,7 +153,7 @@ def import_rank(hf_dir: str, save: str, tp: int, pp: int, fields: dict, dtype: s
             write_progress(progress_file, done[0], total)
     full = LazyFullStateDict(HFWeights(hf_dir), fields, torch_dtype, seed, report)
     load_full_state_dict(model, full)
-    save_checkpoint(save, iteration, [model])
+    save_checkpoint(save, iteration, [model], images=read_image_settings(hf_dir))
     return {"used": sorted(full.used)}
 
 
@@ -174,7 +188,8 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, decoupling: Opti
     used = set().union(*(r["used"] for r in results))
     element = torch.empty(0, dtype=DTYPES[dtype]).element_size()
     return {"output": save, "source": hf_dir, "tp": tp, "pp": pp, "dtype": dtype,
-            "decoupling": fields["decoupling"], "tensors": len(origins),
+            "decoupling": fields["decoupling"], "images": read_image_settings(hf_dir),
+            "tensors": len(origins),
             "bytes": element * sum(_numel(s) for s in probe.shapes.values()),
             "copied_from_text": sum(o == "text copy" for o in origins.values()),
             "fresh": sum(o == "fresh" for o in origins.values()),

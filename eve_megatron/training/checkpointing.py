@@ -3,6 +3,8 @@
     SAVE/latest_checkpointed_iteration.txt   the newest complete checkpoint ("100")
     SAVE/iter_0000100/                       dist_checkpointing shards + common state
     SAVE/iter_0000100/eve_model.json         the architecture (models.eve.config.MODEL_FIELDS)
+    SAVE/iter_0000100/eve_images.json        how its images were prepared (when known):
+                                             {"max_image_size": 1600, "alpha": "drop"}
 
 A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed once every rank has
 finished; the ``latest`` marker is replaced (write + rename) only after that, so a crash
@@ -29,6 +31,10 @@ from eve_megatron.models.eve.config import model_fields
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_JSON = "eve_model.json"
+IMAGES_JSON = "eve_images.json"
+IMAGE_KEYS = ("max_image_size", "alpha")
+"""What ``IMAGES_JSON`` holds: the AnyRatio size and the alpha rule of the training images
+(the data's metadata), carried through import, training, copy and export."""
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -55,6 +61,15 @@ def read_model_fields(root: str, iteration: Optional[int] = None) -> dict:
         return json.load(f)
 
 
+def read_image_settings(root: str, iteration: Optional[int] = None) -> Dict:
+    """The image settings recorded with a checkpoint (``{}`` when none were recorded)."""
+    path = os.path.join(iteration_dir(root, _resolve(root, iteration)), IMAGES_JSON)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict:
     """``{"model": ...}`` or ``{"model0": ..., "model1": ...}`` for virtual pipeline chunks."""
     chunks = [getattr(c, "module", c) for c in chunks]
@@ -76,8 +91,12 @@ def _with_extra(chunks: List[torch.nn.Module], extra: Extra) -> Dict:
 
 
 def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
-                    extra: Extra = None) -> str:
-    """Collective: save the model chunks (+ ``extra`` sharded state) atomically."""
+                    extra: Extra = None, images: Optional[Dict] = None) -> str:
+    """Collective: save the model chunks (+ ``extra`` sharded state) atomically; ``images``
+    (``IMAGE_KEYS``) is recorded beside the architecture when known."""
+    unknown = set(images or {}) - set(IMAGE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown image settings {sorted(unknown)}; known: {IMAGE_KEYS}")
     rank = torch.distributed.get_rank()
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
@@ -92,6 +111,9 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
         cfg = getattr(chunks[0], "module", chunks[0]).config
         with open(os.path.join(tmp, MODEL_JSON), "w") as f:
             json.dump(model_fields(cfg), f, indent=1)
+        if images:
+            with open(os.path.join(tmp, IMAGES_JSON), "w") as f:
+                json.dump(images, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(os.path.join(root, LATEST), str(iteration))

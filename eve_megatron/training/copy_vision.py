@@ -71,6 +71,7 @@ def copy_vision_branch(load: str, save: str, iteration: Optional[int] = None) ->
     loaded_vision = dist_checkpointing.load(vision, path)
     for chunk, top in zip(chunks, text):
         chunk.load_state_dict({**loaded_text[top], **loaded_vision[top]}, strict=True)
-    out = checkpointing.save_checkpoint(save, iteration, chunks)
+    out = checkpointing.save_checkpoint(save, iteration, chunks,
+                                        images=checkpointing.read_image_settings(load, iteration))
     return {"source": path, "saved": out, "iteration": iteration,
             "from_decoupling": fields["decoupling"], "copied_keys": sorted(copied)}

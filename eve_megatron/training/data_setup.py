@@ -67,6 +67,30 @@ def check_vocab(cfg: TrainConfig, vocab_size: int) -> None:
         raise ConfigError(f"data: {exc}") from None
 
 
+def data_image_settings(cfg: TrainConfig) -> dict:
+    """How the training images were prepared (``checkpointing.IMAGE_KEYS``), from each
+    dataset's metadata: the largest AnyRatio size and the one alpha rule. Datasets written
+    before the alpha rule was recorded composited onto white."""
+    from eve_megatron.data.indexed import IndexedDataset
+    from eve_megatron.data.packing import parse_data_path
+
+    sizes, alphas = [], {}
+    try:
+        for _, prefix in parse_data_path(list(cfg.data.data_path)):
+            image = IndexedDataset(prefix).metadata.get("image") or {}
+            if "max_size" in image:
+                sizes.append(int(image["max_size"]))
+                alphas[prefix] = image.get("alpha", "white")
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data: {exc}") from None
+    if len(set(alphas.values())) > 1:
+        raise ConfigError(f"data: the datasets were preprocessed with different alpha rules "
+                          f"{alphas}; training and inference need one (preprocess --alpha)")
+    if not sizes:
+        return {}
+    return {"max_image_size": max(sizes), "alpha": next(iter(alphas.values()))}
+
+
 def _describe(dataset: EVEPackedDataset) -> None:
     """Print, on rank 0, each dataset's size and how many rows one epoch packs into."""
     if torch.distributed.get_rank() != 0:

@@ -51,6 +51,8 @@ class Trainer:
     """Trainable / frozen parameter elements of this rank."""
     losses: List[float] = field(default_factory=list)
     """Loss of every iteration this process ran (index 0 = iteration ``start + 1``)."""
+    image_settings: dict = field(default_factory=dict)
+    """How the training images were prepared (recorded with every checkpoint)."""
 
     def _device(self):
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -147,7 +149,8 @@ class Trainer:
                                  f"{checkpointing.latest_iteration(cfg.checkpoint.save)}")
         extra = training_extra(self.optimizer, self.scheduler, st,
                                with_optimizer=not cfg.checkpoint.no_save_optim)
-        path = checkpointing.save_checkpoint(cfg.checkpoint.save, st.iteration, self.chunks, extra)
+        path = checkpointing.save_checkpoint(cfg.checkpoint.save, st.iteration, self.chunks, extra,
+                                              images=self.image_settings)
         if torch.distributed.get_rank() == 0:
             print(f"saved checkpoint {path}", flush=True)
         return st.iteration

@@ -68,10 +68,9 @@ def _megatron(key):
 
 
 def _load_hf(folder):
-    from transformers import AutoModelForCausalLM
+    from tests.unit.conftest import load_eve
 
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
-                                                dtype=torch.float32).eval()
+    return load_eve(folder)
 
 
 @pytest.mark.parametrize("key", list(CASES))
@@ -86,7 +85,7 @@ def test_layout_and_round_trip_bit_identical(megatron_world, hf_world, exports, 
         cfg = json.load(f)
     assert cfg["architectures"] == ["EVEQwen2ForCausalLM"] and cfg["model_type"] == "eve-qwen2"
     assert cfg["add_moe"] and cfg["moe_part"] == {"v2": "layernorm-self_attn-mlp", "v15": "mlp"}[key]
-    assert cfg["mm_hidden_size"] == 32 and "mm_vision_tower" in cfg
+    assert cfg["mm_hidden_size"] == 32 and cfg["mm_vision_tower"] == os.path.abspath(folder)
     with open(os.path.join(folder, "preprocessor_config.json")) as f:
         assert json.load(f)["max_size"] == 64
     for name in ("model.safetensors.index.json", "tokenizer.json", "modeling_eve_qwen2.py"):
@@ -100,6 +99,7 @@ def test_layout_and_round_trip_bit_identical(megatron_world, hf_world, exports, 
     model = EVEModel(eve_config("tiny", decoupling=case["decoupling"],
                                 share_embeddings_and_output_weights=case["tied"]))
     checkpointing.load_checkpoint(save, [model])
+    assert checkpointing.read_image_settings(save) == {"max_image_size": 64, "alpha": "drop"}
     back = gather_full(model)
     original = reference_full(case["decoupling"], case["tied"], case["seed"])
     assert set(back) == set(original)
@@ -155,9 +155,10 @@ def test_greedy_generate_matches_megatron_loop(megatron_world, exports):
 
 def test_generate_tool_and_text_only_answer(megatron_world, exports, tmp_path):
     """tools/generate.py with an image (reference resize of a 50x37 image at max_size 64 ->
-    96x64), and a text-only answer in-process: both equal Megatron's greedy answer."""
+    96x64), and a text-only answer in-process: both equal Megatron's greedy answer (special
+    tokens dropped, line breaks escaped)."""
     from eve_megatron.data.tokenizer import load_tokenizer
-    from eve_megatron.hf.generation import answer, load_export
+    from eve_megatron.hf.generation import answer, escape_line, load_export
     from eve_megatron.hf.processing import load_inference_image, prompt_ids
 
     folder = exports["v2"]
@@ -172,10 +173,10 @@ def test_generate_tool_and_text_only_answer(megatron_world, exports, tmp_path):
     expected = _megatron_greedy(model, prompt_ids(tok, question, images), images, 6, stop)
     line = _tool("generate.py", "--model", folder, "--prompt", question, "--image", path,
                  "--max-new-tokens", "6")
-    assert line == tok.decode(expected).strip().replace("\n", " ")
+    assert line == escape_line(tok.decode(expected, skip_special_tokens=True).strip())
     expected = _megatron_greedy(model, prompt_ids(tok, question, []), [], 6, stop)
     text, ids = answer(*load_export(folder), question, max_new_tokens=6)
-    assert ids == expected and text == tok.decode(expected).strip()
+    assert ids == expected and text == tok.decode(expected, skip_special_tokens=True).strip()
 
 
 def test_export_errors_name_the_tensor_and_leave_nothing(exports, tmp_path):

@@ -3,7 +3,8 @@
 The imported checkpoint is model-only, so the trainer loads it as weights (iteration 0,
 fresh optimizer). Stage 0 trains only the patch embedding, so every text weight of the
 export must equal the original Hugging Face weight bit for bit, while the patch embedding
-must have moved away from the import's fresh initialisation.
+must have moved away from the import's fresh initialisation. The training data's image
+settings reach the export's image processor.
 """
 
 import json
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from eve_megatron.testing.launch import run_distributed
 from eve_megatron.training import checkpointing
 from tests.distributed.hf_workers import make_qwen2
-from tests.training_data import write_train_dataset
+from tests.training_data import TRAIN_IMAGES, write_train_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,3 +62,6 @@ def test_import_train_stage0_export(tmp_path):
         assert torch.equal(exported[name], tensor), name
     patch = [k for k in exported if k not in text]
     assert patch and all("vision_tower" in k or "patch" in k for k in patch), patch
+    with open(os.path.join(hf_out, "preprocessor_config.json")) as f:  # carried from the data
+        pre = json.load(f)
+    assert (pre["max_size"], pre["alpha"]) == (TRAIN_IMAGES["max_size"], TRAIN_IMAGES["alpha"])

@@ -68,14 +68,19 @@ def test_16bit_png_scaled_to_8bit():
         np.testing.assert_array_equal(out[..., c], want)
 
 
-def test_rgba_png_flattened_onto_white():
+def test_rgba_png_alpha_dropped_by_default_or_flattened_onto_white():
     rng = np.random.default_rng(3)
     rgba = rng.integers(0, 256, (21, 19, 4), dtype=np.uint8)
-    out = np.asarray(load_image(encode(Image.fromarray(rgba), "PNG"), 10**8)).astype(float)
+    data = encode(Image.fromarray(rgba), "PNG")
+    dropped = np.asarray(load_image(data, 10**8))
+    np.testing.assert_array_equal(dropped, rgba[..., :3])  # the reference's convert("RGB")
+    out = np.asarray(load_image(data, 10**8, alpha="white")).astype(float)
     c, a = rgba[..., :3].astype(float), rgba[..., 3:].astype(float) / 255
     want = np.floor(c * a + 255 * (1 - a) + 0.5)
     assert np.abs(out - want).max() <= 1  # rounding of the integer formula
     assert (out[rgba[..., 3] == 0] == 255).all()
+    with pytest.raises(ValueError, match="alpha"):
+        ImageConfig(alpha="black")
 
 
 def test_palette_gif_with_and_without_transparency():
@@ -87,7 +92,9 @@ def test_palette_gif_with_and_without_transparency():
     img.putpalette(palette.flatten().tolist())
     out = np.asarray(load_image(encode(img, "GIF"), 10**8))
     np.testing.assert_array_equal(out, palette[idx])
-    out_t = np.asarray(load_image(encode(img, "GIF", transparency=3), 10**8))
+    transparent = encode(img, "GIF", transparency=3)
+    np.testing.assert_array_equal(np.asarray(load_image(transparent, 10**8)), palette[idx])
+    out_t = np.asarray(load_image(transparent, 10**8, alpha="white"))
     want = palette[idx].copy()
     want[idx == 3] = 255
     np.testing.assert_array_equal(out_t, want)

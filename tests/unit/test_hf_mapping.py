@@ -56,7 +56,7 @@ def test_table_covers_megatron_and_hf_models_exactly(megatron_world, decoupling,
     megatron = {n: tuple(p.shape) for n, p in EVEModel(cfg).named_parameters()}
     fields = model_fields(cfg)
     assert expected_shapes(fields) == megatron
-    hf = EVEQwen2ForCausalLM(EVEQwen2Config(**config_map.hf_config(fields, "float32", 64)))
+    hf = EVEQwen2ForCausalLM(EVEQwen2Config(**config_map.hf_config(fields, "float32")))
     hf_params = {n: tuple(p.shape) for n, p in hf.named_parameters()}
     mapped = {}
     for name, shape in megatron.items():
@@ -96,11 +96,11 @@ def test_names_invert_and_moe_only_in_hf_names():
 def test_config_round_trip(decoupling, tied):
     fields = model_fields(eve_config("qwen2.5-7b", decoupling=decoupling,
                                      share_embeddings_and_output_weights=tied))
-    cfg = config_map.hf_config(fields, "bfloat16", 1600, eos_token_id=7)
+    cfg = config_map.hf_config(fields, "bfloat16", "/models/eve-7b", eos_token_id=7)
     assert cfg["architectures"] == ["EVEQwen2ForCausalLM"] and cfg["model_type"] == "eve-qwen2"
     assert cfg["mm_hidden_size"] == 1024 and cfg["rope_theta"] == 1e6
     assert cfg["add_moe"] == (decoupling != "none")
-    assert cfg["mm_vision_tower"] == "openai/eve-anyratio-res1600-patch16"
+    assert cfg["mm_vision_tower"] == "/models/eve-7b"
     assert config_map.fields_from_hf(cfg) == fields
 
 

@@ -29,7 +29,7 @@ def test_hf_model_matches_reference_blend(decoupling, tied):
     w = make_weights(shape, seed=8)
     fields = model_fields(eve_config("tiny", decoupling=decoupling,
                                      share_embeddings_and_output_weights=tied))
-    model = EVEQwen2ForCausalLM(EVEQwen2Config(**config_map.hf_config(fields, "float32", 64)))
+    model = EVEQwen2ForCausalLM(EVEQwen2Config(**config_map.hf_config(fields, "float32")))
     missing, unexpected = model.load_state_dict(reference_hf(w, shape), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     batch = make_batch(shape, 3, 48, seed=12, packed=False)
@@ -55,7 +55,7 @@ def test_inference_resize_is_the_reference_rule():
     img = Image.fromarray(np.zeros((37, 50, 3), dtype=np.uint8))
     assert resize_for_inference(img, 64).size == (96, 64)
     assert resize_for_inference(img, 64, "train").size == (64, 32)  # AnyRatio: no upscaling
-    with pytest.raises(ValueError, match="resize rule"):
+    with pytest.raises(ValueError, match="resize mode"):
         resize_for_inference(img, 64, "nearest")
 
 
@@ -85,3 +85,35 @@ def test_prompt_is_the_training_rendering_up_to_the_answer(tmp_path):
         assert ids == expected
         assert tok.decode([t for t in ids if t >= 0]).endswith(" ASSISTANT:")
         assert tok.decode([t for t in ids if t >= 0]).startswith("A chat between a curious user")
+
+
+def test_generate_tool_output_is_one_line():
+    from eve_megatron.hf.generation import escape_line
+
+    assert escape_line("two\nlines \\ and\r\n") == "two\\nlines \\\\ and\\r\\n"
+    assert "\n" not in escape_line("a\n\nb")
+
+
+def test_shipped_modules_import_their_whole_closure_directly():
+    """transformers 4.x copies only the direct relative imports of an auto_map module into its
+    module cache: each entry module must import every shipped module it needs itself."""
+    import os
+    import re
+
+    from eve_megatron.hf.export_files import CODE_FILES
+
+    here = os.path.dirname(os.path.abspath(config_map.__file__))
+
+    def direct(name):
+        with open(os.path.join(here, name)) as f:
+            return {m + ".py" for m in re.findall(r"^from \.(\w+) import", f.read(), re.M)}
+
+    for entry in ("modeling_eve_qwen2.py", "processing_eve_qwen2.py",
+                  "image_processing_eve_qwen2.py", "configuration_eve_qwen2.py"):
+        closure, todo = set(), [entry]
+        while todo:
+            for dep in direct(todo.pop()) - closure:
+                closure.add(dep)
+                todo.append(dep)
+        assert closure <= direct(entry), (entry, closure - direct(entry))
+        assert closure <= set(CODE_FILES), entry

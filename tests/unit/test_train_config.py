@@ -3,6 +3,7 @@
 import glob
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,31 @@ def test_batch_stats_counts_image_text_and_padding():
     assert stats == [image, text, samples, 3]
     assert image > 0 and text > 0 and samples < len(seg.unique())
     assert batch_stats({**batch, "is_vision": torch.zeros_like(batch["is_vision"])})[0] == 0
+
+
+def test_image_settings_come_from_the_data(tmp_path):
+    """The image size and alpha rule recorded with checkpoints: the largest size over the
+    datasets, their one alpha rule (mixed rules are an error; unrecorded means white)."""
+    from types import SimpleNamespace
+
+    from eve_megatron.data.indexed import IndexedDatasetWriter
+    from eve_megatron.training.config import ConfigError
+    from eve_megatron.training.data_setup import data_image_settings
+
+    def dataset(name, image):
+        w = IndexedDatasetWriter(str(tmp_path / name), {"image": image} if image else {})
+        w.add(np.arange(1, 5), np.ones(4, dtype=np.int64), [])
+        w.finalize()
+        return str(tmp_path / name)
+
+    def settings(*paths):
+        return data_image_settings(SimpleNamespace(data=SimpleNamespace(data_path=list(paths))))
+
+    a = dataset("a", {"max_size": 800, "alpha": "drop"})
+    b = dataset("b", {"max_size": 1600, "alpha": "drop"})
+    old = dataset("old", {"max_size": 800})
+    assert settings("0.3", a, "0.7", b) == {"max_image_size": 1600, "alpha": "drop"}
+    assert settings(old) == {"max_image_size": 800, "alpha": "white"}
+    assert settings(dataset("text", None)) == {}
+    with pytest.raises(ConfigError, match="alpha"):
+        settings("1", a, "1", old)

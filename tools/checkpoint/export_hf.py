@@ -3,10 +3,11 @@
 
 Example:
     python tools/checkpoint/export_hf.py --load ckpt/stage3 --save hf/eve-7b \\
-        --tokenizer Qwen2.5-7B-Instruct/ --max-image-size 1600
+        --tokenizer Qwen2.5-7B-Instruct/
 
 Writes the released layout (sharded safetensors + index, config.json, preprocessor_config.json,
-tokenizer files, the modelling code for trust_remote_code) under SAVE.tmp, renames it to
+tokenizer files with the release's chat template, the model and processor code for
+trust_remote_code) under SAVE.tmp, renames it to
 SAVE when complete, and prints a one-line JSON summary. Streams: memory stays near two of
 the largest tensors.
 """
@@ -29,8 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file")
-    p.add_argument("--max-image-size", type=int, default=1600,
-                   help="max_size written to preprocessor_config.json")
+    p.add_argument("--max-image-size", type=int, default=None,
+                   help="image size of preprocessor_config.json (default: what the checkpoint "
+                        "recorded from its training data, else 1600)")
+    p.add_argument("--alpha", choices=("drop", "white"), default=None,
+                   help="alpha rule of the exported image processor (default: the training data's)")
+    p.add_argument("--vision-tower", default=None,
+                   help="mm_vision_tower for the official EVEv2 code (default: SAVE's absolute path)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -41,7 +47,8 @@ def main(argv=None) -> int:
     try:
         summary = export_checkpoint(a.load, a.save, a.tokenizer, a.iteration, a.dtype,
                                     int(a.max_shard_size * 2**30), a.max_image_size,
-                                    a.overwrite, progress=not a.no_progress)
+                                    a.overwrite, progress=not a.no_progress, alpha=a.alpha,
+                                    vision_tower=a.vision_tower)
     except (KeyError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"export_hf: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

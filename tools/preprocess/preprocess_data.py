@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from eve_megatron.data.images import ImageConfig  # noqa: E402
+from eve_megatron.data.images import ALPHA_RULES, ImageConfig  # noqa: E402
 from eve_megatron.data.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
 from eve_megatron.data.templates import TEMPLATES  # noqa: E402
 
@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--max-image-pixels", type=int, default=89_478_485,
                    help="refuse images declaring more pixels (decompression bombs)")
+    p.add_argument("--alpha", choices=ALPHA_RULES, default="drop",
+                   help="transparent images: drop the alpha channel (the reference's rule) "
+                        "or composite onto white")
     p.add_argument("--system-prompt", default=None, help="override the template's system prompt")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
@@ -48,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse_args(argv)
     image = ImageConfig(max_size=a.max_image_size, max_pixels=a.max_image_pixels,
-                        encode_format=a.image_format, jpeg_quality=a.jpeg_quality)
+                        encode_format=a.image_format, jpeg_quality=a.jpeg_quality, alpha=a.alpha)
     cfg = PreprocessConfig(inputs=a.input, output_prefix=a.output_prefix, tokenizer=a.tokenizer,
                            template=a.template, image_root=a.image_root, seq_length=a.seq_length,
                            image=image, workers=a.workers, truncate=a.truncate,
