@@ -57,6 +57,33 @@ def set_random_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def init_distributed(timeout_minutes: int = 10) -> None:
+    """Start the default process group of this process, the one way every entry point does.
+
+    On GPU the device is set from ``LOCAL_RANK`` first (NCCL then binds each rank to its
+    own GPU); on CPU :mod:`eve_megatron.cpu_backend` is activated and gloo is used. Under
+    torchrun (or :func:`eve_megatron.launch.run_distributed`) the env rendezvous is used;
+    a single process without that env becomes a world of one (no port needed).
+    """
+    from eve_megatron import cpu_backend
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        cpu_backend.activate()
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if use_cuda else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "WORLD_SIZE" in os.environ:
+        torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    else:
+        torch.distributed.init_process_group(
+            backend=backend, timeout=timeout, store=torch.distributed.HashStore(),
+            rank=0, world_size=1)
+
+
 def initialize_parallel(
     parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10
 ) -> None:
@@ -67,22 +94,7 @@ def initialize_parallel(
     """
     from megatron.core import parallel_state
 
-    from eve_megatron import cpu_backend
-
-    use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        cpu_backend.activate()
-    if not torch.distributed.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl" if use_cuda else "gloo"
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        if "WORLD_SIZE" in os.environ:  # torchrun (or run_distributed)
-            torch.distributed.init_process_group(backend=backend, timeout=timeout)
-        else:  # a world of one needs no rendezvous port
-            torch.distributed.init_process_group(
-                backend=backend, timeout=timeout, store=torch.distributed.HashStore(),
-                rank=0, world_size=1)
+    init_distributed(timeout_minutes)
     parallel.validate(torch.distributed.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -162,7 +162,7 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, decoupling: Opti
               iteration: int = 0, overwrite: bool = False, progress: bool = True,
               timeout: float = 7 * 24 * 3600) -> dict:
     """Import ``hf_dir`` into the checkpoint root ``save`` with ``tp * pp`` local ranks."""
-    from eve_megatron.testing.launch import run_distributed
+    from eve_megatron.launch import run_distributed
 
     start = time.time()
     refuse_existing(save, overwrite)

@@ -14,6 +14,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from eve_megatron.training import checkpointing
 from eve_megatron.training.config import TrainConfig
 from eve_megatron.training.data_setup import StepData
+from eve_megatron.training.optim import step_unless_non_finite
 from eve_megatron.training.report import Reporter, data_parallel_sum
 from eve_megatron.training.state import TrainState, training_extra
 
@@ -78,15 +79,13 @@ class Trainer:
         loss = float(total[0] / total[1]) if last else float("nan")
         bad = torch.tensor([float(last and not math.isfinite(loss))], device=self._device())
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        self.optimizer.prepare_grads()
-        grad_norm = float(self.optimizer.get_grad_norm())
-        if bad.item() > 0 or not math.isfinite(grad_norm):
-            return StepResult(loss, grad_norm, skipped=True)
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
+        if bad.item() > 0:
             return StepResult(loss, float("nan"), skipped=True)
+        ok, grad_norm = step_unless_non_finite(self.optimizer)
+        if not ok:
+            return StepResult(loss, grad_norm, skipped=True)
         self.scheduler.step(increment=1)
-        return StepResult(loss, float(grad_norm), skipped=False)
+        return StepResult(loss, grad_norm, skipped=False)
 
     def train(self) -> List[float]:
         """Run from ``state.iteration`` to the end (or ``--exit-interval``); returns the

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import List
+import math
+from typing import List, Tuple
 
 import torch
 
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from eve_megatron.training import optim_compat
@@ -69,3 +71,25 @@ def build_scheduler(cfg: TrainConfig, optimizer) -> OptimizerParamScheduler:
         lr_decay_steps=decay, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay,
         end_wd=o.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+
+
+@torch.no_grad()
+def step_unless_non_finite(optimizer) -> Tuple[bool, float]:
+    """One optimizer step that first checks the gradients: ``(stepped, grad norm)``.
+
+    Megatron-Core's ``optimizer.step()`` in three public pieces, each run once:
+    ``prepare_grads`` (model grads -> main grads, found-inf), ``get_grad_norm`` (one
+    all-reduce), then clipping by that norm and ``step_with_ready_grads``. Between the last
+    two the step is refused (no update, no optimizer state change) when the norm is NaN/Inf.
+    """
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not math.isfinite(grad_norm):
+        return False, grad_norm
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm

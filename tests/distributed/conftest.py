@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eve_megatron.testing.launch import run_distributed
+from eve_megatron.launch import run_distributed
 from tests.distributed.hf_workers import make_qwen2, text_tokens
 from tests.unit._data_helpers import make_hf_tokenizer
 

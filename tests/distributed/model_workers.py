@@ -1,4 +1,4 @@
-"""Functions run on every rank by the distributed model tests (see eve_megatron.testing)."""
+"""Functions run on every rank by the distributed model tests (see eve_megatron.launch)."""
 
 from __future__ import annotations
 

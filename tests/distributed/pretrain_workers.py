@@ -94,6 +94,14 @@ class Snapshots:
 
     def before_train(self, trainer):
         self.before = self._full(trainer)
+        self.calls = {"prepare_grads": 0, "get_grad_norm": 0}  # gradient passes per run
+        for name in self.calls:
+            method = getattr(trainer.optimizer, name)
+
+            def counted(*args, _name=name, _method=method, **kwargs):
+                self.calls[_name] += 1
+                return _method(*args, **kwargs)
+            setattr(trainer.optimizer, name, counted)
         self.ddp_elements = sum(p.numel() for m in trainer.ddp for b in m.buffers for p in b.params)
         self.requires_grad = {n for c in trainer.chunks for n, p in c.named_parameters()
                               if p.requires_grad}
@@ -113,7 +121,7 @@ def stage_run(data: str, args) -> Dict:
     res = pretrain(base_args(data, 2, "--tensor-model-parallel-size", 2, *args), hooks=hooks)
     return {"before": hooks.before, "after": hooks.after, "ddp_elements": hooks.ddp_elements,
             "opt_state_elements": hooks.opt_state_elements, "trainable": res.trainable,
-            "requires_grad": hooks.requires_grad, "losses": res.losses}
+            "requires_grad": hooks.requires_grad, "losses": res.losses, "calls": hooks.calls}
 
 
 class _NanGrad(torch.autograd.Function):

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from eve_megatron.testing.launch import run_distributed
+from eve_megatron.launch import run_distributed
 from eve_megatron.training import checkpointing
 
 LAYOUTS = [(2, 2, None), (1, 1, None), (1, 2, 2), (2, 1, None)]

@@ -7,7 +7,7 @@ Layouts: (tensor, pipeline, sequence-parallel, virtual pipeline, micro-batch siz
 
 import pytest
 
-from eve_megatron.testing.launch import run_distributed
+from eve_megatron.launch import run_distributed
 from tests.distributed.model_workers import global_rows
 from tests.reference_eve import RefShape, collate_rows, make_weights, reference_step, rel_err
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from eve_megatron.testing.launch import DistributedRunError, run_distributed
+from eve_megatron.launch import DistributedRunError, run_distributed
 from eve_megatron.training import checkpointing
 from tests.training_data import write_train_dataset
 
@@ -116,6 +116,9 @@ def test_stages_freeze_exactly_the_intended_weights(tmp_path, data):
             assert r["ddp_elements"] == r["trainable"]["trainable"]
             assert r["opt_state_elements"] == r["trainable"]["trainable"]
     assert r0[0]["trainable"]["frozen"] > 0 and r2[0]["trainable"]["frozen"] == 0
+    # one gradient pass per step: main grads prepared once, the norm all-reduced once
+    for runs in (r0, r1, r2):
+        assert runs[0]["calls"] == {"prepare_grads": 2, "get_grad_norm": 2}
 
 
 def test_nan_steps_are_skipped_and_stop_the_run(tmp_path, data):

@@ -15,7 +15,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from eve_megatron.testing.launch import run_distributed
+from eve_megatron.launch import run_distributed
 from eve_megatron.training import checkpointing
 from tests.distributed.hf_workers import make_qwen2
 from tests.training_data import TRAIN_IMAGES, write_train_dataset

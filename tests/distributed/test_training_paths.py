@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eve_megatron.testing.launch import run_distributed
+from eve_megatron.launch import run_distributed
 from tests.reference_eve import rel_err
 
 TOL = 1e-5

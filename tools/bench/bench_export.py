@@ -64,7 +64,7 @@ def main() -> int:
     p.add_argument("--workdir", default="/tmp/bench_export")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the export")
     a = p.parse_args()
-    from eve_megatron.testing.launch import run_distributed
+    from eve_megatron.launch import run_distributed
 
     shutil.rmtree(a.workdir, ignore_errors=True)
     ckpt, out = os.path.join(a.workdir, "megatron"), os.path.join(a.workdir, "hf")

@@ -1,13 +1,14 @@
-"""Run a function on several local ranks (gloo on CPU), the way torchrun would.
+"""Run a function on several local ranks (NCCL on GPU, gloo on CPU), the way torchrun would.
 
-Used by the distributed tests and the benchmarks: one helper picks a free port, starts
+Used by the multi-rank tools (``import_hf.py``), the benchmarks and the distributed
+tests: one helper picks a free port, starts
 one process per rank with torchrun's environment variables, waits with a timeout and
 always tears every rank down (its whole process group), also on failure.
 
     results = run_distributed("tests.distributed.workers:check_tp", world_size=2, tp=2)
 
 The target is ``"module:function"``; it is called as ``function(**kwargs)`` on every rank
-after ``torch.distributed`` is initialised, and its return value (anything ``torch.save``
+after ``parallel.init_distributed`` (rank ``r`` on GPU ``r``), and its return value (anything ``torch.save``
 can store) comes back in a list indexed by rank.
 """
 
@@ -50,7 +51,7 @@ def run_distributed(target: str, world_size: int, timeout: float = 600, **kwargs
                 )
                 out = open(os.path.join(tmp, f"rank{rank}.log"), "wb")
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "eve_megatron.testing.worker", target, args_path,
+                    [sys.executable, "-m", "eve_megatron.launch.worker", target, args_path,
                      os.path.join(tmp, f"rank{rank}.result")],
                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 ))

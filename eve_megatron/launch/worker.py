@@ -1,4 +1,4 @@
-"""Entry point of one rank started by :func:`eve_megatron.testing.launch.run_distributed`."""
+"""Entry point of one rank started by :func:`eve_megatron.launch.run_distributed`."""
 
 import importlib
 import pickle
@@ -9,11 +9,9 @@ def main(target: str, args_path: str, result_path: str) -> None:
     """Initialise the default process group, run ``target`` and store its result."""
     import torch
 
-    from eve_megatron import cpu_backend
+    from eve_megatron.parallel import init_distributed
 
-    if not torch.cuda.is_available():
-        cpu_backend.activate()
-    torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()  # sets this rank's GPU before NCCL starts (LOCAL_RANK)
     try:
         module_name, func_name = target.split(":")
         func = getattr(importlib.import_module(module_name), func_name)
