@@ -79,11 +79,19 @@ def setup(cfg: TrainConfig, forward_step_func: Optional[Callable] = None, hooks=
     """Process groups, model (+ freezing), DDP, optimizer, schedule, checkpoint, data."""
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     initialize_parallel(cfg.parallel, seed=cfg.training.seed)
+    return build_trainer(cfg, forward_step_func, hooks)
+
+
+def build_trainer(cfg: TrainConfig, forward_step_func: Optional[Callable] = None, hooks=None,
+                  chunks: Optional[List[torch.nn.Module]] = None, model_config=None) -> Trainer:
+    """Everything of :func:`setup` after the process groups. ``chunks``/``model_config``
+    replace the EVE model (the training-step benchmark's Megatron GPTModel anchor)."""
     world = torch.distributed.get_world_size()
     root, ckpt_iter, common, fields, finetune = _checkpoint_to_load(cfg)
-    model_config = build_model_config(cfg, fields, root)
+    if chunks is None:
+        model_config = build_model_config(cfg, fields, root)
+        chunks = build_model_chunks(model_config)
     check_vocab(cfg, model_config.vocab_size)
-    chunks = build_model_chunks(model_config)
     which = trainable_set(cfg)
     counts = apply_freezing(chunks, which)
     ddp = wrap_ddp(chunks, model_config, ddp_config(cfg))
@@ -92,7 +100,7 @@ def setup(cfg: TrainConfig, forward_step_func: Optional[Callable] = None, hooks=
     state = TrainState(layout=current_layout(), config=config_to_dict(cfg))
     if ckpt_iter is not None:
         state = _load(cfg, chunks, optimizer, scheduler, state, root, ckpt_iter, common, finetune)
-    _log(f"model: {model_config.decoupling} decoupling, trainable={which} "
+    _log(f"model: {getattr(model_config, 'decoupling', 'GPT')} decoupling, trainable={which} "
          f"({counts['trainable']:,} trainable / {counts['frozen']:,} frozen elements on rank 0), "
          f"layout {state.layout}, {cfg.num_microbatches(world)} micro-batches per step, "
          f"starting at iteration {state.iteration}")

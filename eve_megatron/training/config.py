@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
+from eve_megatron.models.eve.core_attention import ATTENTION_BACKENDS
 from eve_megatron.parallel import ParallelConfig
 
 
@@ -53,6 +54,11 @@ class ModelArgs:
     vocab_size: Optional[int] = arg(None, "override the (padded) vocabulary size")
     max_position_embeddings: Optional[int] = arg(None, "largest position + 1 (default: preset)")
     transformer_impl: str = arg("local", "layer backend", choices=("local", "transformer_engine"))
+    attention_backend: str = arg("auto", "attention kernel over the packed samples: te (TE fused, "
+                                 "with --transformer-impl transformer_engine), flash_attn, "
+                                 "torch_varlen (torch's flash varlen, GPU), flex "
+                                 "(FlexAttention), sdpa; auto = te > flash_attn > torch_varlen "
+                                 "> flex on GPU, sdpa on CPU", choices=ATTENTION_BACKENDS)
     bf16: bool = arg(False, "bf16 parameters and compute (fp32 main weights in the optimizer)")
     fp8_format: Optional[str] = arg(None, "FP8 GEMMs through Transformer Engine (GPU only)",
                                     choices=("e4m3", "hybrid"))
@@ -69,6 +75,9 @@ class ModelArgs:
         """Raise :class:`ConfigError` on an impossible combination."""
         _check(self.fp8_format is None or self.transformer_impl == "transformer_engine", "model",
                "--fp8-format needs --transformer-impl transformer_engine")
+        _check(self.attention_backend != "te" or self.transformer_impl == "transformer_engine",
+               "model", "--attention-backend te needs --transformer-impl transformer_engine")
+
         _check(self.recompute_method is None or self.recompute_granularity == "full", "model",
                "--recompute-method needs --recompute-granularity full")
         _check(self.recompute_granularity != "full" or self.recompute_method is not None, "model",

@@ -72,6 +72,7 @@ def runtime_overrides(cfg: TrainConfig) -> dict:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel, transformer_impl=m.transformer_impl,
+        core_attention_impl=m.attention_backend,
         bf16=m.bf16, params_dtype=dtype, pipeline_dtype=dtype, init_method_std=m.init_method_std,
         hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
         recompute_granularity=m.recompute_granularity, recompute_method=m.recompute_method,
@@ -118,4 +119,8 @@ def build_model_config(cfg: TrainConfig, checkpoint_fields: Optional[dict],
                           f"{STAGE_DECOUPLING[stage]}, the model has {model.decoupling!r}{hint}")
     if trainable_set(cfg) == "vision" and model.decoupling == "none":
         raise ConfigError("training: trainable=vision needs a model with vision copies")
+    try:
+        model.attention_impl  # resolve the attention backend on this machine, before any work
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"model: {exc}") from None
     return model

@@ -52,8 +52,9 @@ def _reduced_loss(losses):
     return total
 
 
-def layout_equivalence(layouts, decoupling="all", tied=False, n_rows=4):
-    """For each (tp, pp, sp, vp, mbs) layout: logits, mean loss and gradients of one step."""
+def layout_equivalence(layouts, decoupling="all", tied=False, n_rows=4, attention="sdpa"):
+    """For each (tp, pp, sp, vp, mbs) layout: logits, mean loss and gradients of one step
+    with the ``attention`` backend."""
     shape = RefShape(decoupling=decoupling, tied=tied)
     full = to_megatron(make_weights(shape, seed=7), shape)
     rows = global_rows(shape, n_rows)
@@ -63,7 +64,7 @@ def layout_equivalence(layouts, decoupling="all", tied=False, n_rows=4):
         cfg = eve_config("tiny", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                          virtual_pipeline_model_parallel_size=vp, sequence_parallel=sp,
                          decoupling=decoupling, share_embeddings_and_output_weights=tied,
-                         pipeline_dtype=torch.float32)
+                         pipeline_dtype=torch.float32, core_attention_impl=attention)
         chunks = build_model_chunks(cfg)
         for chunk in chunks:
             load_full_state_dict(chunk, full)

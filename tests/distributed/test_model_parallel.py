@@ -22,6 +22,8 @@ LAYOUTS = [
     (1, 2, False, 2, 1),  # PP=2 interleaved (2 virtual stages)
 ]
 TIED_LAYOUTS = [(2, 2, True, None, 2), (1, 2, False, 2, 1)]
+FLEX_LAYOUTS = [(2, 1, False, None, 1), (1, 2, False, None, 1), (2, 2, True, None, 2)]
+"""The flex attention backend under TP2 (DP2), PP2 (DP2) and TP2 x PP2 + SP."""
 
 
 def _reference(shape):
@@ -61,6 +63,18 @@ def tied_mlp_results():
     per_rank = run_distributed("tests.distributed.model_workers:layout_equivalence", 4,
                                layouts=TIED_LAYOUTS, decoupling="mlp", tied=True)
     return [r for rank in per_rank for r in rank]
+
+
+@pytest.fixture(scope="module")
+def flex_results():
+    per_rank = run_distributed("tests.distributed.model_workers:layout_equivalence", 4,
+                               layouts=FLEX_LAYOUTS, decoupling="all", attention="flex")
+    return [r for rank in per_rank for r in rank]
+
+
+@pytest.mark.parametrize("layout", FLEX_LAYOUTS, ids=[str(x) for x in FLEX_LAYOUTS])
+def test_flex_backend_matches_reference(flex_results, layout):
+    _check(flex_results, _reference(RefShape(decoupling="all")), layout)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[str(x) for x in LAYOUTS])

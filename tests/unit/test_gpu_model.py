@@ -49,6 +49,26 @@ def test_cuda_bf16_close_to_reference(megatron_world):
     assert logits_err <= 3e-2 and loss_err <= 3e-2 and grad_err <= 1e-1
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_cuda_fp32_attention_backends_match_reference(megatron_world, backend):
+    """sdpa (one causal call per packed sample on GPU) and compiled flex, fp32, <= 1e-5."""
+    shape = RefShape()
+    ours, ref = _run(eve_config("tiny", core_attention_impl=backend), shape)
+    assert max(_errors(ours, ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch_varlen", "flex", "sdpa"])
+def test_cuda_bf16_attention_backends_close_to_reference(megatron_world, backend):
+    """torch's varlen flash kernel runs in bf16 only; flex and sdpa alongside for scale."""
+    if backend == "torch_varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    shape = RefShape()
+    cfg = eve_config("tiny", bf16=True, params_dtype=torch.bfloat16, core_attention_impl=backend)
+    ours, ref = _run(cfg, shape, dtype=torch.bfloat16)
+    logits_err, loss_err, grad_err = _errors(ours, ref)
+    assert logits_err <= 3e-2 and loss_err <= 3e-2 and grad_err <= 1e-1
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn")
 def test_flash_attn_matches_reference(megatron_world):
     shape = RefShape()
@@ -62,6 +82,6 @@ def test_flash_attn_matches_reference(megatron_world):
 def test_transformer_engine_backend(megatron_world, fp8):
     shape = RefShape()
     cfg = eve_config("tiny", bf16=True, params_dtype=torch.bfloat16,
-                     transformer_impl="transformer_engine", fp8=fp8)
+                     transformer_impl="transformer_engine", core_attention_impl="te", fp8=fp8)
     ours, ref = _run(cfg, shape, dtype=torch.bfloat16)
     assert max(_errors(ours, ref)[:2]) <= (1e-1 if fp8 else 3e-2)

@@ -3,6 +3,7 @@
 import importlib.util
 
 import pytest
+import torch
 
 from eve_megatron.models.eve import eve_config
 from eve_megatron.models.eve.core_attention import FlashAttnCoreAttention, SDPACoreAttention
@@ -26,9 +27,16 @@ def test_local_spec_modules():
     assert sub.mlp.submodules.linear_fc2 is BranchRowParallelLinear
 
 
-def test_flash_attn_selected_by_config():
-    assert core_attention_module(eve_config("tiny", core_attention_impl="flash_attn")) \
-        is FlashAttnCoreAttention
+def test_backends_selected_by_config():
+    from eve_megatron.models.eve.flex_attention import FlexCoreAttention
+
+    assert core_attention_module(eve_config("tiny", core_attention_impl="flex")) is FlexCoreAttention
+    cfg = eve_config("tiny", core_attention_impl="flash_attn")
+    if HAVE_FLASH and torch.cuda.is_available():
+        assert core_attention_module(cfg) is FlashAttnCoreAttention
+    else:
+        with pytest.raises(RuntimeError, match="pip install flash-attn"):
+            core_attention_module(cfg)
 
 
 @pytest.mark.skipif(HAVE_FLASH, reason="flash-attn is installed")
@@ -40,9 +48,11 @@ def test_flash_attn_missing_is_a_clear_error():
 @pytest.mark.skipif(HAVE_TE, reason="Transformer Engine is installed")
 def test_transformer_engine_missing_is_a_clear_error():
     cfg = eve_config("tiny", transformer_impl="transformer_engine")
-    assert cfg.attention_impl == "te"
+    assert cfg.attention_impl == ("sdpa" if not torch.cuda.is_available() else cfg.attention_impl)
     with pytest.raises(ImportError, match="Transformer Engine"):
         get_eve_layer_spec(cfg)
+    with pytest.raises(RuntimeError, match="transformer-engine"):
+        eve_config("tiny", transformer_impl="transformer_engine", core_attention_impl="te").attention_impl
 
 
 @pytest.mark.gpu

@@ -185,3 +185,17 @@ def test_image_settings_come_from_the_data(tmp_path):
     assert settings(dataset("text", None)) == {}
     with pytest.raises(ConfigError, match="alpha"):
         settings("1", a, "1", old)
+
+
+def test_attention_backend_flag_reaches_the_model():
+    base = ["--model-preset", "tiny", "--stage", "2", "--decoupling", "all", "--data-path", "x",
+            "--train-iters", "1"]
+    cfg = parse_config(base + ["--attention-backend", "flex"])
+    assert build_model_config(cfg, None).attention_impl == "flex"
+    assert build_model_config(parse_config(base), None).core_attention_impl == "auto"
+    if not torch.cuda.is_available():
+        cfg = parse_config(base + ["--attention-backend", "torch_varlen"])
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            build_model_config(cfg, None)
+    with pytest.raises(ConfigError, match="transformer_engine"):
+        parse_config(base + ["--attention-backend", "te"]).validate(world_size=1)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from eve_megatron.models.eve.core_attention import ATTENTION_BACKENDS, resolve_attention_backend
+
 DECOUPLINGS = ("none", "mlp", "all")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
-ATTENTION_IMPLS = ("auto", "sdpa", "flash_attn", "te")
 
 
 @dataclass
@@ -42,8 +43,8 @@ class EVEConfig(TransformerConfig):
     transformer_impl: str = "local"
     """'local' (pure PyTorch/Megatron, CPU and GPU) or 'transformer_engine' (TE linears/norms)."""
     core_attention_impl: str = "auto"
-    """'sdpa' (torch, block-diagonal mask), 'flash_attn' (varlen), 'te' (TE thd), or 'auto':
-    te with the TE backend, else sdpa."""
+    """The attention backend (the trainer's --attention-backend): 'sdpa', 'flex',
+    'torch_varlen', 'flash_attn', 'te' or 'auto' (see ``core_attention.py``)."""
 
     # Qwen2 defaults for inherited fields.
     normalization: str = "RMSNorm"
@@ -76,10 +77,9 @@ class EVEConfig(TransformerConfig):
 
     @property
     def attention_impl(self) -> str:
-        """The core attention actually used ('auto' resolved)."""
-        if self.core_attention_impl != "auto":
-            return self.core_attention_impl
-        return "te" if self.transformer_impl == "transformer_engine" else "sdpa"
+        """The core attention actually used ('auto' resolved on this machine; a backend that
+        cannot run here is an error naming what it needs)."""
+        return resolve_attention_backend(self.core_attention_impl, self.transformer_impl)
 
 
 def _validate(cfg: EVEConfig) -> None:
@@ -91,8 +91,8 @@ def _validate(cfg: EVEConfig) -> None:
          f"num_query_groups {cfg.num_query_groups} must divide by TP={tp}"),
         (cfg.transformer_impl in TRANSFORMER_IMPLS,
          f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {cfg.transformer_impl!r}"),
-        (cfg.core_attention_impl in ATTENTION_IMPLS,
-         f"core_attention_impl must be one of {ATTENTION_IMPLS}, got {cfg.core_attention_impl!r}"),
+        (cfg.core_attention_impl in ATTENTION_BACKENDS,
+         f"core_attention_impl must be one of {ATTENTION_BACKENDS}, got {cfg.core_attention_impl!r}"),
         (cfg.normalization == "RMSNorm", "EVE (Qwen2) uses normalization='RMSNorm'"),
         (not cfg.add_bias_linear,
          "add_bias_linear must be False: Qwen2 has no bias on o_proj/MLP (add_qkv_bias covers q/k/v)"),
@@ -101,7 +101,7 @@ def _validate(cfg: EVEConfig) -> None:
         (cfg.vision_hidden_size > 0, "vision_hidden_size must be positive"),
         (not cfg.fp8 or cfg.transformer_impl == "transformer_engine",
          "fp8 needs transformer_impl='transformer_engine'"),
-        (cfg.attention_impl != "te" or cfg.transformer_impl == "transformer_engine",
+        (cfg.core_attention_impl != "te" or cfg.transformer_impl == "transformer_engine",
          "core_attention_impl='te' needs transformer_impl='transformer_engine'"),
         (cfg.context_parallel_size == 1, "context parallelism is not supported by EVE models"),
         (cfg.max_sequence_length > 0, "max_sequence_length must be positive"),

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from eve_megatron.models.eve.config import EVEConfig
 from eve_megatron.models.eve.embedding import EVEEmbedding
+from eve_megatron.models.eve.flex_attention import document_block_mask
 from eve_megatron.models.eve.rope import rotary_cos_sin
 from eve_megatron.models.eve.routing import (
     EVEPackedSeqParams,
@@ -53,6 +54,7 @@ class EVEModel(LanguageModule):
         self.vocab_size = config.vocab_size
         self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
         self.branch_pad_multiple = 16 if config.transformer_impl == "transformer_engine" else 1
+        self.attention_backend = config.attention_impl
 
         if pre_process:
             self.embedding = EVEEmbedding(config, tp_group=self.tp_group)
@@ -94,6 +96,9 @@ class EVEModel(LanguageModule):
                              f"{self.config.max_sequence_length}")
         params.cos, params.sin = rotary_cos_sin(position_ids, self.config.kv_channels,
                                                 self.config.rotary_base)
+        if self.attention_backend == "flex":  # once per micro-batch, shared by every layer
+            params.flex_block_mask = document_block_mask(
+                params.segment_ids, params.batch_size, params.seq_length, is_vision.device)
         return params
 
     def forward(self, tokens: Tensor, position_ids: Tensor, is_vision: Tensor,

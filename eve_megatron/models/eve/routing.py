@@ -80,6 +80,8 @@ class EVEPackedSeqParams(PackedSeqParams):
     sin: Optional[Tensor] = None
     branch_pad_multiple: int = 1
     """Pad each branch's token count to this multiple (16 for TE/FP8 GEMMs)."""
+    flex_block_mask: Optional[object] = None
+    """The document-causal FlexAttention ``BlockMask`` (flex backend only)."""
 
 
 def build_packed_seq_params(

@@ -16,8 +16,10 @@ from eve_megatron.models.eve.config import EVEConfig
 from eve_megatron.models.eve.core_attention import (
     FlashAttnCoreAttention,
     SDPACoreAttention,
+    TorchVarlenCoreAttention,
     te_core_attention_class,
 )
+from eve_megatron.models.eve.flex_attention import FlexCoreAttention
 from eve_megatron.models.eve.layer import EVELayerSubmodules, EVETransformerLayer
 
 
@@ -40,11 +42,10 @@ def backend_modules(config: EVEConfig):
 def core_attention_module(config: EVEConfig):
     """The core attention class for ``config.attention_impl``."""
     impl = config.attention_impl
-    if impl == "sdpa":
-        return SDPACoreAttention
-    if impl == "flash_attn":
-        return FlashAttnCoreAttention
-    return te_core_attention_class()
+    if impl == "te":
+        return te_core_attention_class()
+    return {"sdpa": SDPACoreAttention, "flex": FlexCoreAttention,
+            "torch_varlen": TorchVarlenCoreAttention, "flash_attn": FlashAttnCoreAttention}[impl]
 
 
 def get_eve_layer_spec(config: EVEConfig) -> ModuleSpec:
