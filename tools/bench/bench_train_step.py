@@ -45,6 +45,8 @@ def _args(argv=None):
     p.add_argument("--rounds", type=int, default=4, help="ABBA rounds after one warm-up round")
     p.add_argument("--attention", nargs="+", default=["sdpa", "flex"])
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"],
+                   help="TE FP8 GEMMs (with --transformer-impl transformer_engine)")
     p.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
     p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU")
     p.add_argument("--world", type=int, default=1, help="local ranks (data parallel)")
@@ -90,6 +92,8 @@ def _flags(a, data: str, decoupling: str, attention: str):
         flags += ["--num-layers", a.layers]
     if a.bf16:
         flags += ["--bf16"]
+    if a.fp8_format:
+        flags += ["--fp8-format", a.fp8_format]
     return [str(x) for x in flags]
 
 
