@@ -39,6 +39,7 @@ def _args(argv=None):
     p.add_argument("--hidden", type=int, default=256, help="hidden size (tiny preset only)")
     p.add_argument("--ffn", type=int, default=704, help="MLP width (tiny preset only)")
     p.add_argument("--heads", type=int, default=8, help="query heads (tiny preset only)")
+    p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--global-batch", type=int, default=4)
@@ -90,6 +91,8 @@ def _flags(a, data: str, decoupling: str, attention: str):
                   "--num-attention-heads", a.heads, "--num-query-groups", max(1, a.heads // 4)]
     if a.layers:
         flags += ["--num-layers", a.layers]
+    if a.vocab:
+        flags += ["--vocab-size", a.vocab]
     if a.bf16:
         flags += ["--bf16"]
     if a.fp8_format:

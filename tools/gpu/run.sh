@@ -72,18 +72,20 @@ timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/unit/test_gpu_model.py tests/distributed/test_launch.py >"$OUT/pytest_gpu.log" 2>&1
 tail -3 "$OUT/pytest_gpu.log"
 
-# 4. the training step at EVE-7B widths (2 layers: three trainers must fit at once)
+# 4. the training step at EVE-7B widths (2 layers: three trainers must fit at once; below
+#    100 GiB of GPU memory (H100) a 32k vocabulary instead of 152k keeps them in)
+VOCAB=$(python3 -c "import torch; print('' if torch.cuda.get_device_properties(0).total_memory > 100 * 2**30 else '--vocab 32768')")
 BACKENDS="torch_varlen flex sdpa"
 [ "$HAVE_TE" = 1 ] && BACKENDS="te $BACKENDS"
 IMPL=$([ "$HAVE_TE" = 1 ] && echo transformer_engine || echo local)
 timeout $(( $(left) / 2 )) python3 tools/bench/bench_train_step.py --preset eve-7b-hd-v2.0 \
-  --layers 2 --seq 4096 --micro-batch 1 --global-batch 2 --rounds 3 --bf16 --peak-tflops 989 \
+  --layers 2 $VOCAB --seq 4096 --micro-batch 1 --global-batch 2 --rounds 3 --bf16 --peak-tflops 989 \
   --transformer-impl "$IMPL" --attention $BACKENDS --out "$OUT/bench_bf16.json" \
   >"$OUT/bench_bf16.log" 2>&1
 grep -E "routed/dense" "$OUT/bench_bf16.log"
 if [ "$HAVE_TE" = 1 ]; then
   timeout $(( $(left) / 2 )) python3 tools/bench/bench_train_step.py --preset eve-7b-hd-v2.0 \
-    --layers 2 --seq 4096 --micro-batch 1 --global-batch 2 --rounds 3 --bf16 --fp8-format hybrid \
+    --layers 2 $VOCAB --seq 4096 --micro-batch 1 --global-batch 2 --rounds 3 --bf16 --fp8-format hybrid \
     --peak-tflops 989 --transformer-impl transformer_engine --attention te \
     --out "$OUT/bench_fp8.json" >"$OUT/bench_fp8.log" 2>&1
   grep -E "routed/dense" "$OUT/bench_fp8.log"
@@ -101,4 +103,22 @@ for backend in $BACKENDS; do
     --lr 1e-5 --log-interval 5 --num-workers 2 --peak-tflops 989 >"$OUT/train_$backend.log" 2>&1
   grep -E "iteration +20" "$OUT/train_$backend.log" | tail -1
 done
-echo "run.sh: done in $(( $(date +%s) - START )) s of a $BUDGET s budget; results in $OUT"
+
+# 6. one JSON of everything (the figures docs/gpu_results.md records)
+python3 - "$OUT" >"$OUT/results.json" <<'EOF'
+import glob, json, os, re, sys
+out = sys.argv[1]
+def read(name):
+    path = os.path.join(out, name)
+    return open(path).read() if os.path.exists(path) else ""
+result = {"env": json.loads(read("env.json") or "{}"),
+          "pytest_gpu": (read("pytest_gpu.log").strip().splitlines() or [""])[-1]}
+for name in ("bench_bf16.json", "bench_fp8.json"):
+    if read(name):
+        result[name[:-5]] = json.loads(read(name))["results"]
+for path in sorted(glob.glob(os.path.join(out, "train_*.log"))):
+    lines = [l for l in open(path) if re.search(r"iteration +\d+", l)]
+    result[os.path.basename(path)[:-4]] = lines[-1].strip() if lines else "no iteration logged"
+print(json.dumps(result, indent=1))
+EOF
+echo "run.sh: done in $(( $(date +%s) - START )) s of a $BUDGET s budget; results in $OUT/results.json"
