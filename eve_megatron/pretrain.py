@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from eve_megatron.outputs import OutputBusyError, lock_on_rank0
 from eve_megatron.parallel import initialize_parallel
 from eve_megatron.training import checkpointing
 from eve_megatron.training.arguments import config_to_dict, parse_config
@@ -79,7 +80,48 @@ def setup(cfg: TrainConfig, forward_step_func: Optional[Callable] = None, hooks=
     """Process groups, model (+ freezing), DDP, optimizer, schedule, checkpoint, data."""
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     initialize_parallel(cfg.parallel, seed=cfg.training.seed)
-    return build_trainer(cfg, forward_step_func, hooks)
+    check_outputs(cfg)
+    lock = lock_save(cfg)
+    try:
+        trainer = build_trainer(cfg, forward_step_func, hooks)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.lock = lock
+    return trainer
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Refuse, before any work, a --save that is a file or holds another run's checkpoints
+    (unless it is this run's resume, --load = --save, or --overwrite), and a --load without
+    a checkpoint that is not also --save (a typo would otherwise start from scratch)."""
+    c = cfg.checkpoint
+    same = c.load is not None and c.save is not None and (
+        os.path.abspath(c.load) == os.path.abspath(c.save))
+    if c.save is not None:
+        if os.path.exists(c.save) and not os.path.isdir(c.save):
+            raise ConfigError(f"checkpoint: --save {c.save} is a file, not a folder")
+        latest = checkpointing.latest_iteration(c.save) if os.path.isdir(c.save) else None
+        if latest is not None and not same and not c.overwrite:
+            raise ConfigError(f"checkpoint: --save {c.save} already holds another run's "
+                              f"checkpoints (latest iteration {latest}); resume it with --load "
+                              f"{c.save}, choose another --save, or pass --overwrite")
+    if (c.load is not None and not same and c.ckpt_step is None
+            and checkpointing.latest_iteration(c.load) is None):
+        raise ConfigError(f"checkpoint: --load {c.load} holds no checkpoint "
+                          f"({checkpointing.LATEST} missing) and is not --save")
+
+
+def lock_save(cfg: TrainConfig):
+    """Rank 0 holds an OS lock on --save for the whole run (one trainer per folder); every
+    rank raises the same ConfigError when another live run holds it."""
+    if cfg.checkpoint.save is None:
+        return None
+    try:
+        return lock_on_rank0(cfg.checkpoint.save, "checkpoint root --save")
+    except OutputBusyError as exc:
+        raise ConfigError(f"checkpoint: {exc}") from None
 
 
 def build_trainer(cfg: TrainConfig, forward_step_func: Optional[Callable] = None, hooks=None,
@@ -149,8 +191,12 @@ def pretrain(argv: Optional[Sequence[str]] = None, forward_step_func: Optional[C
     """
     cfg = parse_config(argv)
     trainer = setup(cfg, forward_step_func, hooks)
-    start = trainer.state.iteration
-    losses = trainer.train()
+    try:
+        start = trainer.state.iteration
+        losses = trainer.train()
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()
     st = trainer.state
     _log(f"done: iteration {st.iteration}, skipped {st.skipped_iterations}")
     return RunResult(st.iteration, start, list(losses), st.skipped_iterations, trainer.counts)

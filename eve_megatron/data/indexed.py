@@ -20,6 +20,8 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from eve_megatron.outputs import fsync_dir
+
 MAGIC = b"EVEMMIDX"
 VERSION = 1
 # (name, dtype): sample arrays have n rows (image_start n + 1), image arrays m rows
@@ -111,7 +113,9 @@ class IndexedDatasetWriter:
         self._image_start.append(self._image_start[-1] + len(images))
 
     def finalize(self) -> None:
-        """Write ``.idx`` and rename both files to their final names."""
+        """Write ``.idx``, flush both to stable storage, then rename them to their final names."""
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
         self._bin.close()
         n, m = len(self), len(self._cols["image_h"])
         meta = json.dumps(self.metadata, sort_keys=True).encode()
@@ -129,6 +133,7 @@ class IndexedDatasetWriter:
             os.fsync(f.fileno())
         os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
         os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
+        fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
 
     def abort(self) -> None:
         """Close and delete the temporary files; nothing appears under the final name."""

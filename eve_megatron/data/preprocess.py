@@ -24,6 +24,7 @@ from eve_megatron.data.templates import (TEMPLATES, TemplateError, normalise_tur
                                          render_caption, render_conversation, render_text,
                                          required_special_tokens, tokenize_segments)
 from eve_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from eve_megatron.outputs import OutputLock
 
 SKIP_REASONS = ("bad_json", "bad_tar", "missing_field", "empty_conversation", "bad_conversation",
                 "image_count_mismatch", "missing_image", "bad_image", "decompression_bomb",
@@ -60,6 +61,8 @@ class PreprocessConfig:
     """Samples per batch handed to the worker pool (bounds memory)."""
     progress: bool = True
     """Show a tqdm progress bar on stderr."""
+    overwrite: bool = False
+    """Replace a dataset that already exists under ``output_prefix``."""
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for an unusable configuration."""
@@ -75,6 +78,9 @@ class PreprocessConfig:
             raise ValueError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
         if not os.path.isdir(self.image_root):
             raise ValueError(f"--image-root {self.image_root} is not a directory")
+        if not os.path.basename(self.output_prefix) or os.path.isdir(self.output_prefix):
+            raise ValueError(f"--output-prefix {self.output_prefix!r} must name files "
+                             "(PREFIX.bin, PREFIX.idx), not a folder")
 
 
 @dataclass
@@ -201,11 +207,21 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     """Run preprocessing and return the summary dict (also what the CLI prints).
 
     The dataset appears under its final name only if the run completes and the bad
-    fraction is within ``cfg.max_bad_fraction``; the skip report is always written.
+    fraction is within ``cfg.max_bad_fraction``; the skip report is always written. One
+    writer per prefix (an OS lock); an existing dataset is replaced only with ``overwrite``.
     """
+    cfg.validate()
+    with OutputLock(cfg.output_prefix, "dataset prefix"):
+        existing = [cfg.output_prefix + s for s in (".bin", ".idx") if os.path.exists(cfg.output_prefix + s)]
+        if existing and not cfg.overwrite:
+            raise ValueError(f"a dataset already exists at {existing[0]}: pass --overwrite to "
+                             "replace it, or choose another --output-prefix")
+        return _run_locked(cfg)
+
+
+def _run_locked(cfg: PreprocessConfig) -> dict:
     from tqdm import tqdm
 
-    cfg.validate()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = load_tokenizer(cfg.tokenizer)
     check_tokenizer(tok, cfg.template)

@@ -21,6 +21,7 @@ from eve_megatron.hf.hf_files import (PlannedTensor, ShardedSafetensorsWriter, a
                                       plan_shards, refuse_existing)
 from eve_megatron.hf.export_files import DEFAULT_IMAGES, write_side_files
 from eve_megatron.hf.mapping import hf_shapes, megatron_to_hf
+from eve_megatron.outputs import OutputLock
 from eve_megatron.hf.shapes import expected_shapes, heads_of
 from eve_megatron.training import checkpointing
 
@@ -84,6 +85,13 @@ def export_checkpoint(load: str, save: str, tokenizer: Optional[str] = None,
     data's), else ``DEFAULT_IMAGES``; ``vision_tower`` (``mm_vision_tower``) to ``save``'s
     absolute path.
     """
+    with OutputLock(save, "export folder"):
+        return _export(load, save, tokenizer, iteration, dtype, max_shard_bytes, max_image_size,
+                       overwrite, progress, alpha, vision_tower)
+
+
+def _export(load, save, tokenizer, iteration, dtype, max_shard_bytes, max_image_size, overwrite,
+            progress, alpha, vision_tower) -> dict:
     start = time.time()
     refuse_existing(save, overwrite)
     if tokenizer and not os.path.exists(tokenizer):

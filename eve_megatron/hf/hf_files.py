@@ -18,6 +18,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from eve_megatron.outputs import fsync_dir, fsync_tree
+
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
@@ -197,16 +199,19 @@ def refuse_existing(save: str, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(save: str) -> Iterator[str]:
-    """Yield an empty ``SAVE.tmp`` to write into; when the block succeeds it replaces
-    ``save``, when anything fails it is removed: never a partial folder under ``save``."""
+    """Yield an empty ``SAVE.tmp`` to write into; when the block succeeds it is flushed to
+    stable storage and replaces ``save``; when anything fails it is removed: never a partial
+    folder under ``save``, also after a power loss."""
     tmp = save.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         yield tmp
+        fsync_tree(tmp)
         if os.path.exists(save):
             shutil.rmtree(save)
         os.replace(tmp, save)
+        fsync_dir(os.path.dirname(os.path.abspath(save)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

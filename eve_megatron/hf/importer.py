@@ -26,6 +26,7 @@ from eve_megatron.hf import config_map
 from eve_megatron.hf.hf_files import HFWeights, atomic_folder, refuse_existing
 from eve_megatron.hf.mapping import hf_names, hf_to_megatron, vision_twin
 from eve_megatron.hf.progress import FileProgress, write_progress
+from eve_megatron.outputs import OutputLock
 from eve_megatron.hf.shapes import expected_shapes, heads_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -161,7 +162,15 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, decoupling: Opti
               dtype: Optional[str] = None, vision_hidden_size: int = 1024, seed: int = 1234,
               iteration: int = 0, overwrite: bool = False, progress: bool = True,
               timeout: float = 7 * 24 * 3600) -> dict:
-    """Import ``hf_dir`` into the checkpoint root ``save`` with ``tp * pp`` local ranks."""
+    """Import ``hf_dir`` into the checkpoint root ``save`` with ``tp * pp`` local ranks (one
+    importer per ``save``: an OS lock)."""
+    with OutputLock(save, "checkpoint root --save"):
+        return _import(hf_dir, save, tp, pp, decoupling, dtype, vision_hidden_size, seed,
+                       iteration, overwrite, progress, timeout)
+
+
+def _import(hf_dir, save, tp, pp, decoupling, dtype, vision_hidden_size, seed, iteration,
+            overwrite, progress, timeout) -> dict:
     from eve_megatron.launch import run_distributed
 
     start = time.time()

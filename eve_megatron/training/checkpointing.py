@@ -6,9 +6,10 @@
     SAVE/iter_0000100/eve_images.json        how its images were prepared (when known):
                                              {"max_image_size": 1600, "alpha": "drop"}
 
-A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed once every rank has
-finished; the ``latest`` marker is replaced (write + rename) only after that, so a crash
-or kill during a save leaves the previous checkpoint complete and marked latest. Any
+A checkpoint is written under ``iter_XXXXXXX.tmp``, every file and folder of it flushed to
+stable storage, and renamed once every rank has finished; the ``latest`` marker is replaced
+(write, flush, rename, flush the folder) only after that, so a crash, a kill or a power
+loss during a save leaves the previous checkpoint complete and marked latest. Any
 tensor/pipeline/virtual-pipeline/data-parallel layout can load any other's checkpoint.
 
 The state dict holds ``model`` (``model0``, ``model1``, ... for virtual pipeline chunks)
@@ -28,6 +29,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from eve_megatron.models.eve.config import model_fields
+from eve_megatron.outputs import fsync_dir, fsync_tree
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_JSON = "eve_model.json"
@@ -106,16 +108,17 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
         os.makedirs(tmp)
     torch.distributed.barrier()
     dist_checkpointing.save(_with_extra(chunks, extra), tmp)
+    fsync_tree(tmp)  # every rank: what this node wrote is on stable storage before the rename
     torch.distributed.barrier()
     if rank == 0:
         cfg = getattr(chunks[0], "module", chunks[0]).config
-        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-            json.dump(model_fields(cfg), f, indent=1)
+        _write_atomic(os.path.join(tmp, MODEL_JSON), json.dumps(model_fields(cfg), indent=1))
         if images:
-            with open(os.path.join(tmp, IMAGES_JSON), "w") as f:
-                json.dump(images, f, indent=1)
+            _write_atomic(os.path.join(tmp, IMAGES_JSON), json.dumps(images, indent=1))
+        fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(root)
         _write_atomic(os.path.join(root, LATEST), str(iteration))
     torch.distributed.barrier()
     return final
@@ -161,3 +164,4 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -199,6 +199,8 @@ class CheckpointArgs:
     no_load_optim: bool = arg(False, "do not restore optimizer and LR schedule")
     no_load_rng: bool = arg(False, "do not restore RNG states")
     no_save_optim: bool = arg(False, "save model weights only")
+    overwrite: bool = arg(False, "let --save hold another run's checkpoints (new saves move its "
+                          "latest marker); without it such a --save is refused")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an impossible combination."""

@@ -18,6 +18,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 
 from eve_megatron.models.eve.config import config_from_fields
+from eve_megatron.outputs import lock_on_rank0
 from eve_megatron.training import checkpointing
 from eve_megatron.training.model_setup import build_model_chunks
 
@@ -37,10 +38,26 @@ def _checkpoint_dtype(path: str) -> torch.dtype:
         "embedding.word_embeddings.weight" in meta) else next(iter(meta.values())).dtype
 
 
-def copy_vision_branch(load: str, save: str, iteration: Optional[int] = None) -> Dict:
+def copy_vision_branch(load: str, save: str, iteration: Optional[int] = None,
+                       overwrite: bool = False) -> Dict:
     """Collective: write ``save`` = ``load`` with every vision copy initialised from its
     text twin. Megatron's process groups must be initialised (any layout); returns a
-    summary. Raises ValueError when the source already has all vision copies."""
+    summary. Raises ValueError when the source already has all vision copies, or when
+    ``save`` already holds checkpoints (unless ``overwrite``); OutputBusyError when another
+    live process writes ``save``."""
+    lock = lock_on_rank0(save, "checkpoint root --save")
+    try:
+        if checkpointing.latest_iteration(save) is not None and not overwrite:
+            raise ValueError(f"--save {save} already holds checkpoints (latest iteration "
+                             f"{checkpointing.latest_iteration(save)}); choose another folder "
+                             "or pass --overwrite")
+        return _copy(load, save, iteration)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _copy(load: str, save: str, iteration: Optional[int]) -> Dict:
     iteration = checkpointing._resolve(load, iteration)
     path = checkpointing.iteration_dir(load, iteration)
     fields = checkpointing.read_model_fields(load, iteration)

@@ -54,6 +54,8 @@ class Trainer:
     """Loss of every iteration this process ran (index 0 = iteration ``start + 1``)."""
     image_settings: dict = field(default_factory=dict)
     """How the training images were prepared (recorded with every checkpoint)."""
+    lock: object = None
+    """The OS lock on --save this run holds (rank 0), released when the run ends."""
 
     def _device(self):
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"

@@ -220,3 +220,26 @@ def test_preprocessed_output_feeds_the_loader(inputs, tmp_path):
     for g in range(len(ds)):
         seen += ds.pack_samples(g)[1].tolist()
     assert len(seen) >= n and sorted(seen[:n]) == list(range(n))  # epoch 0: each sample once
+
+
+def test_one_writer_per_prefix_and_no_silent_replacement(inputs, tmp_path):
+    """Another live writer of the prefix, an existing dataset, or a folder as prefix: refused
+    with exit 2 naming the cause, and nothing written; --overwrite replaces a dataset."""
+    from eve_megatron.outputs import OutputLock
+
+    prefix = str(tmp_path / "ds")
+    with OutputLock(prefix, "dataset prefix"):  # a writer that is still running
+        busy = _cli(inputs, prefix)
+    assert busy.returncode == 2 and "is being written by pid" in busy.stderr
+    assert not os.path.exists(prefix + ".bin") and not os.path.exists(prefix + ".lock")
+    assert _cli(inputs, prefix).returncode == 0
+    before = open(prefix + ".idx", "rb").read()
+    again = _cli(inputs, prefix, "--seq-length", "900")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert open(prefix + ".idx", "rb").read() == before
+    assert _cli(inputs, prefix, "--seq-length", "900", "--overwrite").returncode == 0
+    assert open(prefix + ".idx", "rb").read() != before
+    for bad, words in ((["--output-prefix", str(tmp_path) + "/"], "not a folder"),
+                       (["--max-image-size", "0"], "max_size must be")):
+        res = _cli(inputs, prefix, *bad)
+        assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr

@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt-step", type=int, default=None, help="source iteration (default: latest)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a --save that already holds checkpoints")
     a = p.parse_args(argv)
     if os.path.abspath(a.load) == os.path.abspath(a.save):
         print("copy_vision_branch: error: --save must differ from --load", file=sys.stderr)
@@ -33,14 +35,15 @@ def main(argv=None) -> int:
 
     import torch
 
+    from eve_megatron.outputs import OutputBusyError
     from eve_megatron.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from eve_megatron.training.copy_vision import copy_vision_branch
 
     try:
         initialize_parallel(ParallelConfig(a.tensor_model_parallel_size,
                                            a.pipeline_model_parallel_size))
-        summary = copy_vision_branch(a.load, a.save, a.ckpt_step)
-    except (ValueError, FileNotFoundError) as exc:
+        summary = copy_vision_branch(a.load, a.save, a.ckpt_step, a.overwrite)
+    except (ValueError, FileNotFoundError, OutputBusyError) as exc:
         print(f"copy_vision_branch: error: {exc}", file=sys.stderr)
         return 2
     finally:

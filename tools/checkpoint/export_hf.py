@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from eve_megatron.hf.export import DTYPES, export_checkpoint  # noqa: E402
+from eve_megatron.outputs import OutputBusyError, error_text  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,13 +45,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.max_shard_size <= 0:
+        print(f"export_hf: error: --max-shard-size must be positive (GiB), got {a.max_shard_size}",
+              file=sys.stderr)
+        return 2
     try:
         summary = export_checkpoint(a.load, a.save, a.tokenizer, a.iteration, a.dtype,
                                     int(a.max_shard_size * 2**30), a.max_image_size,
                                     a.overwrite, progress=not a.no_progress, alpha=a.alpha,
                                     vision_tower=a.vision_tower)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"export_hf: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, OutputBusyError) as exc:
+        print(f"export_hf: error: {error_text(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(summary), flush=True)
     return 0

@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from eve_megatron.hf.importer import DTYPES, import_hf  # noqa: E402
+from eve_megatron.outputs import OutputBusyError, error_text  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,8 +46,8 @@ def main(argv=None) -> int:
                             a.pipeline_model_parallel_size, a.decoupling, a.dtype,
                             a.vision_hidden_size, a.seed, a.iteration, a.overwrite,
                             progress=not a.no_progress)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"import_hf: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, OutputBusyError) as exc:
+        print(f"import_hf: error: {error_text(exc)}", file=sys.stderr)
         return 2
     if summary["unused_hf_tensors"]:
         print(f"import_hf: note: {len(summary['unused_hf_tensors'])} HF tensors not used: "

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from eve_megatron.data.images import ALPHA_RULES, ImageConfig  # noqa: E402
 from eve_megatron.data.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
 from eve_megatron.data.templates import TEMPLATES  # noqa: E402
+from eve_megatron.outputs import OutputBusyError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,22 +45,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="transparent images: drop the alpha channel (the reference's rule) "
                         "or composite onto white")
     p.add_argument("--system-prompt", default=None, help="override the template's system prompt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset that already exists under --output-prefix")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    image = ImageConfig(max_size=a.max_image_size, max_pixels=a.max_image_pixels,
-                        encode_format=a.image_format, jpeg_quality=a.jpeg_quality, alpha=a.alpha)
-    cfg = PreprocessConfig(inputs=a.input, output_prefix=a.output_prefix, tokenizer=a.tokenizer,
-                           template=a.template, image_root=a.image_root, seq_length=a.seq_length,
-                           image=image, workers=a.workers, truncate=a.truncate,
-                           max_bad_fraction=a.max_bad_fraction, system_prompt=a.system_prompt,
-                           progress=not a.no_progress)
     try:
+        image = ImageConfig(max_size=a.max_image_size, max_pixels=a.max_image_pixels,
+                            encode_format=a.image_format, jpeg_quality=a.jpeg_quality,
+                            alpha=a.alpha)
+        cfg = PreprocessConfig(
+            inputs=a.input, output_prefix=a.output_prefix, tokenizer=a.tokenizer,
+            template=a.template, image_root=a.image_root, seq_length=a.seq_length, image=image,
+            workers=a.workers, truncate=a.truncate, max_bad_fraction=a.max_bad_fraction,
+            system_prompt=a.system_prompt, progress=not a.no_progress, overwrite=a.overwrite)
         summary = run_preprocess(cfg)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, OutputBusyError) as exc:
         print(f"preprocess_data: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary), flush=True)
