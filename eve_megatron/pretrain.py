@@ -208,15 +208,45 @@ def _error(message: str) -> None:
         print(f"eve_megatron.pretrain: {message}", file=sys.stderr, flush=True)
 
 
+EXIT_CODES = {0: "done", 1: "stopped", 2: "configuration error"}
+"""Our exit codes. torchrun exits 1 for any failed worker; the reason is in the elastic
+error file it reads (its "Root Cause" summary) and in the last stderr line."""
+
+
+def die_with_launcher() -> None:
+    """Under torchrun (Linux), have the kernel kill this worker when its launcher dies, so a
+    SIGKILLed launcher never leaves workers training and saving."""
+    from eve_megatron.launch.lifetime import die_with_parent, forks_die_with_parent
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    if not die_with_parent():
+        os._exit(1)  # the launcher died before the request took effect
+    forks_die_with_parent()
+
+
+def _record(exc: BaseException, code: int) -> None:
+    """Our reason where torchrun and schedulers read it: the elastic error file (when torchrun
+    set one) and a final status line."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        ErrorHandler().record_exception(exc)
+    _error(f"exit {code} ({EXIT_CODES[code]}): {exc}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry; returns the exit code."""
+    """Command-line entry; returns the exit code (``EXIT_CODES``)."""
+    die_with_launcher()
     try:
         pretrain(argv)
     except ConfigError as exc:
         _error(f"configuration error: {exc}")
+        _record(exc, 2)
         return 2
     except NonFiniteError as exc:
         _error(str(exc))
+        _record(exc, 1)
         return 1
     finally:
         from eve_megatron.parallel import destroy_parallel

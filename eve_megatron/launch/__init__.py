@@ -94,9 +94,10 @@ def _report(headline: str, ranks, tmp: str) -> str:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGKILL the rank's whole process group, also when the rank itself already exited:
+    helpers it started (e.g. a multiprocessing manager) must not outlive the run."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     proc.wait()

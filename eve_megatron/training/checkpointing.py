@@ -29,6 +29,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from eve_megatron.models.eve.config import model_fields
+from eve_megatron.launch.lifetime import install_checkpoint_writer_queue
 from eve_megatron.outputs import fsync_dir, fsync_tree
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -99,6 +100,7 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
     unknown = set(images or {}) - set(IMAGE_KEYS)
     if unknown:
         raise ValueError(f"unknown image settings {sorted(unknown)}; known: {IMAGE_KEYS}")
+    install_checkpoint_writer_queue()
     rank = torch.distributed.get_rank()
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"

@@ -89,14 +89,18 @@ class Reporter:
     def _emit(self, iteration: int) -> None:
         seconds = max(time.perf_counter() - self.t0, 1e-9)
         image, text, samples, rows = self.stats.tolist()
+        loss = self.loss_sum / self.loss_count if self.loss_count else None  # None: all skipped
         m: Dict[str, float] = {
-            "lm-loss": self.loss_sum / max(self.loss_count, 1), "learning-rate": self.lr,
+            "learning-rate": self.lr,
             "grad-norm": self.grad_norm, "tokens-per-sec": (image + text) / seconds,
             "image-tokens-per-sec": image / seconds, "text-tokens-per-sec": text / seconds,
             "samples-per-sec": samples / seconds, "rows-per-sec": rows / seconds,
             "ms-per-iteration": 1000 * seconds / max(self.iters, 1), "skipped": self.skipped}
+        if loss is not None:
+            m["lm-loss"] = loss
         line = (f"iteration {iteration:8d}/{self.total} | lr {m['learning-rate']:.3e} | "
-                f"loss {m['lm-loss']:.6e} | grad norm {m['grad-norm']:.4f} | "
+                f"loss {'skipped' if loss is None else format(loss, '.6e')} | "
+                f"grad norm {m['grad-norm']:.4f} | "
                 f"ms/iter {m['ms-per-iteration']:.1f} | tokens/s {m['tokens-per-sec']:.0f} "
                 f"(image {m['image-tokens-per-sec']:.0f}, text {m['text-tokens-per-sec']:.0f}) | "
                 f"samples/s {m['samples-per-sec']:.2f} | skipped {self.skipped}")

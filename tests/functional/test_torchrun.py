@@ -71,3 +71,58 @@ def test_cli_configuration_error_exit_code(tmp_path, argv, message):
     out = subprocess.run([sys.executable, "-m", "eve_megatron.pretrain", *argv], cwd=ROOT,
                          env=_env(), capture_output=True, text=True, timeout=200)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_torchrun_shows_our_reason_and_workers_die_with_their_launcher(tmp_path):
+    """A configuration error reaches torchrun's failure summary (elastic error file) with our
+    status line; SIGKILL of the launcher alone kills its workers (no orphan keeps saving)."""
+    import signal
+    import time
+
+    import psutil
+
+    data = write_train_dataset(str(tmp_path / "train"), n=48, seed=6)
+    (tmp_path / "file").write_text("not a folder")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    bad = subprocess.run([*launcher, *_train_args(data, str(tmp_path / "file"), 2)], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=400)
+    text = bad.stdout + bad.stderr
+    assert bad.returncode == 1 and "ConfigError: checkpoint: --save" in text, text[-3000:]
+    assert "exit 2 (configuration error)" in text
+    save = str(tmp_path / "ckpt")
+    run = subprocess.Popen([*launcher, *_train_args(data, save, 400)], cwd=ROOT, env=_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while checkpointing.latest_iteration(save) is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert checkpointing.latest_iteration(save) is not None, "the run never saved"
+        def is_worker(p):
+            try:
+                return "eve_megatron.pretrain" in " ".join(p.cmdline())
+            except psutil.Error:  # a helper that already exited (zombie) or went away
+                return False
+        family = psutil.Process(run.pid).children(recursive=True)  # workers and their helpers
+        assert len([p for p in psutil.Process(run.pid).children() if is_worker(p)]) == 2
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        gone, alive = psutil.wait_procs(family, timeout=20)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"outlived their launcher: {[(p.pid, p.cmdline()[-2:]) for p in alive]}"
+
+        def of_this_run():  # forked helpers keep the worker's command line (and its --save)
+            found = []
+            for p in psutil.process_iter(["cmdline", "status"]):
+                if save in " ".join(p.info["cmdline"] or []) and p.info["status"] != "zombie":
+                    found.append(p.pid)
+            return found
+        deadline = time.time() + 20
+        while of_this_run() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not of_this_run(), "processes of the killed run are still alive"
+        latest = checkpointing.latest_iteration(save)
+        time.sleep(3)
+        assert checkpointing.latest_iteration(save) == latest  # nobody saves any more
+    finally:
+        if run.poll() is None:
+            run.kill()

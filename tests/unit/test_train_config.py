@@ -199,3 +199,17 @@ def test_attention_backend_flag_reaches_the_model():
             build_model_config(cfg, None)
     with pytest.raises(ConfigError, match="transformer_engine"):
         parse_config(base + ["--attention-backend", "te"]).validate(world_size=1)
+
+
+def test_a_skipped_step_logs_its_loss_as_skipped(megatron_world, capsys):
+    from eve_megatron.models.eve import eve_config
+    from eve_megatron.training.report import Reporter
+
+    cfg = parse_config(["--model-preset", "tiny", "--data-path", "x", "--train-iters", "3",
+                        "--log-interval", "1", "--no-progress"])
+    reporter = Reporter(cfg, eve_config("tiny"), 3, 0)
+    stats = torch.tensor([4.0, 60.0, 2.0, 1.0], dtype=torch.float64)
+    reporter.add(1, stats, float("nan"), float("nan"), 1e-3, skipped=True)
+    assert "loss skipped" in capsys.readouterr().out and "lm-loss" not in reporter.last
+    reporter.add(2, stats, 2.5, 1.0, 1e-3, skipped=False)
+    assert "loss 2.500000e+00" in capsys.readouterr().out and reporter.last["lm-loss"] == 2.5
