@@ -47,7 +47,12 @@ class HFTokenizer(Tokenizer):
             from transformers import AutoTokenizer
 
             self._fast = None
-            self._slow = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            try:
+                self._slow = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except Exception as exc:  # transformers raises many kinds, naming no path
+                raise ValueError(f"tokenizer folder {path} holds no usable tokenizer (no "
+                                 f"tokenizer.json; transformers: {type(exc).__name__}: "
+                                 f"{str(exc)[:300]})") from None
             self.vocab_size = len(self._slow)
 
     def encode(self, text: str) -> List[int]:

@@ -8,6 +8,7 @@ place where options are defined and documented.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
@@ -32,6 +33,7 @@ def _check(ok: bool, section: str, message: str) -> None:
         raise ConfigError(f"{section}: {message}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
 STAGES = ("0", "1.0", "1.1", "2", "3")
 TRAINABLE = ("patch_embedding", "vision", "all")
 
@@ -173,6 +175,10 @@ class OptimizerArgs:
         """Raise :class:`ConfigError` on an impossible combination."""
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "optimizer",
                f"need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and abs(value) <= FLOAT32_MAX, "optimizer",
+                   f"{name}={value} is not a finite float32 value (the optimizer works in fp32)")
         _check(self.lr_warmup_fraction is None or 0 <= self.lr_warmup_fraction <= 1, "optimizer",
                "lr_warmup_fraction must be in [0, 1]")
         _check(self.lr_warmup_iters >= 0, "optimizer", "lr_warmup_iters must be >= 0")

@@ -213,3 +213,18 @@ def test_a_skipped_step_logs_its_loss_as_skipped(megatron_world, capsys):
     assert "loss skipped" in capsys.readouterr().out and "lm-loss" not in reporter.last
     reporter.add(2, stats, 2.5, 1.0, 1e-3, skipped=False)
     assert "loss 2.500000e+00" in capsys.readouterr().out and reporter.last["lm-loss"] == 2.5
+
+
+def test_values_the_optimizer_cannot_hold_are_refused_up_front(tmp_path):
+    base = ["--model-preset", "tiny", "--data-path", "x", "--train-iters", "1"]
+    for flags, words in ((["--lr", "1e39"], r"lr=1e\+39 is not a finite float32"),
+                         (["--clip-grad", "inf"], "clip_grad=inf"),
+                         (["--lr", "nan"], "lr")):
+        with pytest.raises(ConfigError, match=words):
+            parse_config(base + flags).validate(world_size=1)
+    from eve_megatron.data.tokenizer import load_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "notes.txt").write_text("no tokenizer here")
+    with pytest.raises(ValueError, match=f"tokenizer folder {tmp_path / 'tok'} holds no usable"):
+        load_tokenizer(str(tmp_path / "tok"))
