@@ -13,6 +13,7 @@ import os
 import shutil
 from typing import Optional, Tuple
 
+from eve_megatron.data.images import ImageConfig
 from eve_megatron.hf import config_map
 from eve_megatron.hf.eve_prompt import CHAT_TEMPLATE, IM_END
 
@@ -21,8 +22,9 @@ CODE_FILES = ("configuration_eve_qwen2.py", "modeling_eve_qwen2.py", "eve_layers
               "image_processing_eve_qwen2.py", "processing_eve_qwen2.py")
 """The modules copied into every export (they import only each other, never eve_megatron)."""
 TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens")
-DEFAULT_IMAGES = {"max_image_size": 1600, "alpha": "drop"}
-"""Used when the checkpoint records no image settings and no flag gives them."""
+DEFAULT_IMAGES = {"max_image_size": ImageConfig.max_size, "alpha": ImageConfig.alpha}
+"""Used when the checkpoint records no image settings and no flag gives them: the
+preprocessing defaults."""
 
 
 def write_json(folder: str, name: str, value: dict) -> None:
