@@ -241,11 +241,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         pretrain(argv)
     except ConfigError as exc:
-        _error(f"configuration error: {exc}")
         _record(exc, 2)
         return 2
     except NonFiniteError as exc:
-        _error(str(exc))
         _record(exc, 1)
         return 1
     finally:

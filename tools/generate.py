@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(os.path.dirname(__file__))))
 
 from eve_megatron.data.templates import TEMPLATES  # noqa: E402
 from eve_megatron.hf.generation import answer, escape_line, load_export  # noqa: E402
-from eve_megatron.hf.processing import RESIZE_RULES  # noqa: E402
+from eve_megatron.hf.eve_image_rules import RESIZE_MODES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--template", choices=TEMPLATES, default="qwen2")
-    p.add_argument("--resize", choices=RESIZE_RULES, default=None,
+    p.add_argument("--resize", choices=RESIZE_MODES, default=None,
                    help="infer: the release's inference resize (the export's default); "
                         "train: AnyRatio")
     return p.parse_args(argv)

@@ -171,10 +171,8 @@ class ShardedSafetensorsWriter:
         self._next += 1
         return planned.nbytes
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # flushed to stable storage with the folder (atomic_folder)
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
 

@@ -1,10 +1,9 @@
-"""Inference inputs for the HF model from our side: pixels and training-exact prompt ids.
+"""Training-exact prompt ids for the HF model (images go through the export's own image
+processor, ``image_processing_eve_qwen2.py``).
 
-The image rules are :mod:`eve_megatron.hf.eve_image_rules` (the exported image processor's
-too): resize ``infer`` (the reference's inference rule, default) or ``train`` (AnyRatio),
-alpha ``drop`` (default, the reference's) or ``white``. Prompts are rendered with the
-training templates (``data.templates``) and cut before the first answer, so a prompt is
-token for token what the model saw in training; every image slot becomes its
+Prompts are rendered with the training templates (``data.templates``) and cut before the
+first answer, so a prompt is token for token what the model saw in training; every image
+slot becomes its
 ``1 + h'(w'+1)`` image tokens (``IMAGE_TOKEN_INDEX``). The exported processor's chat
 template renders the same ``qwen2`` prompt (tested to agree).
 """
@@ -14,33 +13,11 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
-from PIL import Image
 
 from eve_megatron.data.templates import IMAGE_TOKEN, render_conversation, tokenize_segments
 from eve_megatron.data.tokenizer import Tokenizer
 from eve_megatron.hf import eve_image_rules as rules
 from eve_megatron.hf.eve_prompt import IMAGE_TOKEN_INDEX
-
-RESIZE_RULES = rules.RESIZE_MODES
-inference_size = rules.inference_size
-
-
-def resize_for_inference(img: Image.Image, max_size: int, rule: str = "infer") -> Image.Image:
-    """Bicubic resize of an RGB image by ``rule`` (``infer`` or ``train``)."""
-    return rules.resize(img, max_size, rule)
-
-
-def normalize(img: Image.Image) -> torch.Tensor:
-    """RGB image -> ``[3, H, W]`` float32, ``(x / 255 - mean) / std`` (CLIP)."""
-    return torch.from_numpy(rules.normalize(img))
-
-
-def load_inference_image(path: str, max_size: int, rule: str = "infer",
-                         alpha: str = "drop") -> torch.Tensor:
-    """An image file -> normalised ``[3, H, W]`` pixels by the exported image processor."""
-    from eve_megatron.hf.image_processing_eve_qwen2 import EVEImageProcessor
-
-    return EVEImageProcessor(max_size=max_size, resize_mode=rule, alpha=alpha).process_one(path)
 
 
 def prompt_ids(tokenizer: Tokenizer, question: str, images: Sequence[torch.Tensor],

@@ -159,7 +159,8 @@ def test_generate_tool_and_text_only_answer(megatron_world, exports, tmp_path):
     tokens dropped, line breaks escaped)."""
     from eve_megatron.data.tokenizer import load_tokenizer
     from eve_megatron.hf.generation import answer, escape_line, load_export
-    from eve_megatron.hf.processing import load_inference_image, prompt_ids
+    from eve_megatron.hf.image_processing_eve_qwen2 import EVEImageProcessor
+    from eve_megatron.hf.processing import prompt_ids
 
     folder = exports["v2"]
     path = str(tmp_path / "img.png")
@@ -168,7 +169,7 @@ def test_generate_tool_and_text_only_answer(megatron_world, exports, tmp_path):
     stop = tok.token_id("<|im_end|>")
     model = _megatron("v2")
     question = "What is in the picture?"
-    images = [load_inference_image(path, 64)]
+    images = [EVEImageProcessor(max_size=64).process_one(path)]
     assert tuple(images[0].shape) == (3, 64, 96)
     expected = _megatron_greedy(model, prompt_ids(tok, question, images), images, 6, stop)
     line = _tool("generate.py", "--model", folder, "--prompt", question, "--image", path,

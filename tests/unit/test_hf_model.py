@@ -11,7 +11,8 @@ from eve_megatron.data.tokenizer import load_tokenizer
 from eve_megatron.hf import config_map
 from eve_megatron.hf.configuration_eve_qwen2 import EVEQwen2Config
 from eve_megatron.hf.modeling_eve_qwen2 import EVEQwen2ForCausalLM
-from eve_megatron.hf.processing import inference_size, normalize, prompt_ids, resize_for_inference
+from eve_megatron.hf.eve_image_rules import inference_size, normalize, resize
+from eve_megatron.hf.processing import prompt_ids
 from eve_megatron.models.eve import eve_config
 from eve_megatron.models.eve.config import model_fields
 from tests.reference_eve import RefShape, forward, make_batch, make_weights, rel_err
@@ -53,10 +54,10 @@ def test_inference_resize_is_the_reference_rule():
     assert inference_size(1600, 1600, 1600) == (1600, 1600)
     assert inference_size(4000, 10, 64) == (1280, 32)  # s = 3.125; 10/s -> one block
     img = Image.fromarray(np.zeros((37, 50, 3), dtype=np.uint8))
-    assert resize_for_inference(img, 64).size == (96, 64)
-    assert resize_for_inference(img, 64, "train").size == (64, 32)  # AnyRatio: no upscaling
+    assert resize(img, 64).size == (96, 64)
+    assert resize(img, 64, "train").size == (64, 32)  # AnyRatio: no upscaling
     with pytest.raises(ValueError, match="resize mode"):
-        resize_for_inference(img, 64, "nearest")
+        resize(img, 64, "nearest")
 
 
 def test_normalize_equals_clip_image_processor():
@@ -66,7 +67,7 @@ def test_normalize_equals_clip_image_processor():
     clip = CLIPImageProcessor(do_resize=False, do_center_crop=False, do_normalize=True,
                               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     expected = clip.preprocess(img, return_tensors="pt")["pixel_values"][0]
-    assert torch.allclose(normalize(img), expected, atol=1e-6)
+    assert torch.allclose(torch.from_numpy(normalize(img)), expected, atol=1e-6)
 
 
 def test_prompt_is_the_training_rendering_up_to_the_answer(tmp_path):
