@@ -11,7 +11,7 @@ import torch
 
 from eve_megatron.launch import DistributedRunError, run_distributed
 from eve_megatron.training import checkpointing
-from tests.training_data import write_train_dataset
+from tests.training_data import write_learnable_dataset, write_train_dataset
 
 W = "tests.distributed.pretrain_workers"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,6 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_train_dataset(str(tmp_path_factory.mktemp("data") / "train"), n=96, seed=3)
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory):
+    return write_learnable_dataset(str(tmp_path_factory.mktemp("data") / "learnable"), seed=3)
 
 
 def _last(results, key):
@@ -56,11 +61,19 @@ RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform",
              "--recompute-num-layers", "1"]
 
 
-def test_same_losses_on_every_layout(tmp_path, data):
-    init, iters = str(tmp_path / "init"), 4
+BF16_RTOL, FP32_RTOL = 1e-2, 1e-5
+"""Loss tolerances against the fp32 TP1 reference (measured: bf16 within 6e-4, fp32 layouts
+within float rounding)."""
+
+
+def test_same_losses_on_every_layout(tmp_path, learnable):
+    """Every layout reproduces the TP1 losses of a run that learns: on counting data the
+    loss falls by far more than the tolerances, so a run that does not train fails."""
+    init, iters, data = str(tmp_path / "init"), 4, learnable
     ref = run_distributed(f"{W}:init_and_reference", 1, init=init, data=data, iters=iters)[0]
     ref = ref["losses"]
     assert len(ref) == iters and all(math.isfinite(x) for x in ref)
+    assert ref[-1] < (1 - 10 * BF16_RTOL) * ref[0], ref  # measured: 6.25 -> 5.29
     two = run_distributed(f"{W}:layout_runs", 2, init=init, data=data, iters=iters, runs=[
         ("TP2", [TP, 2]), ("PP2", [PP, 2]), ("DP2", []), ("PP2xVP2", [PP, 2, VP, 2]),
         ("TP2+SP+recompute", [TP, 2, "--sequence-parallel", *RECOMPUTE]),
@@ -72,7 +85,7 @@ def test_same_losses_on_every_layout(tmp_path, data):
     assert len(runs) == 7
     for name, losses in runs.items():
         assert len(losses) == iters, name
-        tol = 2e-2 if "bf16" in name else 1e-5
+        tol = BF16_RTOL if "bf16" in name else FP32_RTOL
         for a, b in zip(losses, ref):
             assert abs(a - b) <= tol * abs(b), (name, losses, ref)
 
