@@ -1,6 +1,10 @@
-"""examples/quickstart.sh end to end on a shrunken setting (the pipeline, not the accuracy:
-the full run and its figures are in docs/benchmarks.md)."""
+"""examples/quickstart.sh end to end on a shrunken setting: every step runs and the last one
+answers every held-out question. Not the accuracy: after the 2 iterations per stage run here
+all answers are wrong (measured: 0.0; 30 iterations per stage on 256 images took 2.5
+minutes more and gave 0.18: colour 0, shape 0, position 0.55 = chance). Learning needs the
+full run (400 stage-2 iterations, ~7 minutes; accuracy 1.000 in docs/benchmarks.md)."""
 
+import json
 import os
 import re
 import subprocess
@@ -29,6 +33,12 @@ def test_quickstart_script_runs_every_step(tmp_path):
     assert checkpointing.read_model_fields(str(ckpt / "stage0_copied"))["decoupling"] == "all"
     assert checkpointing.latest_iteration(str(ckpt / "stage2")) == 2
     assert "trainable=patch_embedding" in out.stdout and "trainable=vision" in out.stdout
-    acc = re.findall(r"^heldout_accuracy=([0-9.]+)$", out.stdout, re.M)
-    assert len(acc) == 1 and 0.0 <= float(acc[0]) <= 1.0
-    assert re.search(r"^control_accuracy_shuffled_images=[0-9.]+$", out.stdout, re.M)
+    # step 7 answered every held-out question (4 images x 3 kinds) with the stage-2 checkpoint,
+    # also with shuffled images, and printed the accuracy line the script documents
+    report = [json.loads(line) for line in out.stdout.splitlines()
+              if line.startswith('{"checkpoint_iteration"')]
+    assert len(report) == 1 and report[0]["checkpoint_iteration"] == 2, out.stdout[-3000:]
+    assert report[0]["questions"] == 12
+    assert set(report[0]["per_question"]) == {"colour", "shape", "position"}
+    assert len(re.findall(r"^heldout_accuracy=[0-9.]+$", out.stdout, re.M)) == 1
+    assert len(re.findall(r"^control_accuracy_shuffled_images=[0-9.]+$", out.stdout, re.M)) == 1
