@@ -17,9 +17,11 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from eve_megatron.data.indexed import CorruptSampleError
 from eve_megatron.outputs import OutputBusyError, lock_on_rank0
 from eve_megatron.parallel import initialize_parallel
 from eve_megatron.training import checkpointing
+from eve_megatron.training.checkpoint_checksums import verify_checkpoint
 from eve_megatron.training.arguments import config_to_dict, parse_config
 from eve_megatron.training.config import ConfigError, TrainConfig
 from eve_megatron.training.data_setup import build_train_stream, check_vocab, data_image_settings
@@ -69,6 +71,8 @@ def _checkpoint_to_load(cfg: TrainConfig):
         return None, None, None, None, False
     step = c.ckpt_step if root == c.load else None
     try:
+        if not c.no_checkpoint_verify:  # before anything of it is read
+            verify_checkpoint(checkpointing.iteration_dir(root, checkpointing._resolve(root, step)))
         iteration, common = checkpointing.load_common(root, step)
         fields = checkpointing.read_model_fields(root, iteration)
     except (FileNotFoundError, ValueError) as exc:
@@ -161,7 +165,8 @@ def _load(cfg, chunks, optimizer, scheduler, state, root, iteration, common,
     same_layout = resume and saved.get("layout") == state.layout
     with_rng = same_layout and not c.no_load_rng
     _, loaded = checkpointing.load_checkpoint(
-        root, chunks, iteration, extra=loading_extra(optimizer, with_optim, with_rng))
+        root, chunks, iteration, extra=loading_extra(optimizer, with_optim, with_rng),
+        verify=False)  # verified by _checkpoint_to_load
     if with_optim:
         if "optimizer" in loaded:
             optimizer.load_state_dict(loaded["optimizer"])
@@ -245,6 +250,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except NonFiniteError as exc:
         _record(exc, 1)
+        return 1
+    except CorruptSampleError as exc:  # a DataLoader worker's error carries its traceback
+        reason = str(exc).strip().splitlines()[-1].split("CorruptSampleError: ")[-1]
+        _record(CorruptSampleError(f"{reason}; --corrupt-samples skip leaves damaged samples "
+                                   "out (counted in the log)"), 1)
         return 1
     finally:
         from eve_megatron.parallel import destroy_parallel

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from eve_megatron.data.indexed import IndexedDataset, StoredSample
+from eve_megatron.data.indexed import CorruptSampleError, IndexedDataset, StoredSample
 from eve_megatron.data.packing import PackIndex, build_blend_index, build_pack_index, parse_data_path
 from eve_megatron.data.pixels import decode_blocks_u8
 
@@ -32,11 +32,17 @@ class PackedDataConfig:
     """Packing/shuffling seed (the epoch is mixed in)."""
     shuffle_window: int = 10000
     """Samples per best-fit-decreasing window."""
+    corrupt_samples: str = "stop"
+    """A sample that fails its checksum: ``stop`` (raise :class:`CorruptSampleError` naming
+    file and index) or ``skip`` (leave it out of its row and count it in the row's
+    ``corrupt_samples``)."""
     blend: List = field(init=False, default_factory=list)
     """Derived: ``[(weight, prefix), ...]`` parsed from ``data_path``, weights summing to 1."""
 
     def __post_init__(self) -> None:
         self.blend = parse_data_path(self.data_path)
+        if self.corrupt_samples not in ("stop", "skip"):
+            raise ValueError(f"corrupt_samples must be 'stop' or 'skip', got {self.corrupt_samples!r}")
         if self.seq_length < 2 or self.num_samples < 0 or self.seed < 0 or self.shuffle_window < 1:
             raise ValueError(f"bad PackedDataConfig: seq_length={self.seq_length}, "
                              f"num_samples={self.num_samples}, seed={self.seed}, "
@@ -165,4 +171,14 @@ class EVEPackedDataset(torch.utils.data.Dataset):
     def __getitem__(self, g: int) -> Dict[str, torch.Tensor]:
         d, ids = self.pack_samples(g)
         ds = self.datasets[d]
-        return build_row([ds.get(int(i)) for i in ids], self.config.seq_length)
+        samples, corrupt = [], 0
+        for i in ids:
+            try:
+                samples.append(ds.get(int(i)))
+            except CorruptSampleError:
+                if self.config.corrupt_samples == "stop":
+                    raise
+                corrupt += 1
+        row = build_row(samples, self.config.seq_length)
+        row["corrupt_samples"] = torch.tensor(corrupt, dtype=torch.int64)
+        return row

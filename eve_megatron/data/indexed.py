@@ -3,8 +3,15 @@
 ``.bin`` holds one record per sample: its text tokens (int32), its loss mask (uint8),
 then the encoded bytes of each of its images, padded to 8 bytes. ``.idx`` (little
 endian) is ``MAGIC``, version, sample count, image count, a JSON metadata blob, then
-8-byte-aligned arrays (see ``_SAMPLE_FIELDS`` / ``_IMAGE_FIELDS``). Per-sample lengths
-and image sizes live in ``.idx`` so that packing never opens ``.bin``.
+8-byte-aligned arrays (see ``_SAMPLE_FIELDS`` / ``_IMAGE_FIELDS``), then (version 2) the
+CRC-32 of everything before it. Per-sample lengths and image sizes live in ``.idx`` so
+that packing never opens ``.bin``.
+
+Integrity (version 2): ``sample_crc`` is the CRC-32 of a sample's bytes (tokens, mask,
+then each image's encoded bytes, padding excluded), checked on every read: a damaged or
+truncated sample raises :class:`CorruptSampleError` naming the file and the sample
+index. A damaged ``.idx`` fails its own CRC when opened. Version 1 files (no checksums)
+are still read, unverified.
 
 Both files are written under ``*.tmp`` names and renamed by :meth:`IndexedDatasetWriter.finalize`.
 """
@@ -14,25 +21,40 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
+import zlib
 from array import array
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from eve_megatron.hf.eve_image_rules import image_token_count
 from eve_megatron.outputs import fsync_dir
 
 MAGIC = b"EVEMMIDX"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # (name, dtype): sample arrays have n rows (image_start n + 1), image arrays m rows
 _SAMPLE_FIELDS = (("record_offset", "<i8"), ("text_len", "<i4"), ("seq_len", "<i4"),
-                  ("image_tokens", "<i4"))
+                  ("image_tokens", "<i4"), ("sample_crc", "<u4"))
+_V1_SAMPLE_FIELDS = _SAMPLE_FIELDS[:4]
 _IMAGE_FIELDS = (("image_offset", "<i8"), ("image_nbytes", "<i8"), ("image_h", "<i4"),
                  ("image_w", "<i4"), ("image_pos", "<i4"))
 
 
 def _pad8(n: int) -> int:
     return (-n) % 8
+
+
+class CorruptSampleError(ValueError):
+    """A sample of an indexed dataset fails its checksum or lies outside its file. One
+    message argument, so that a DataLoader worker's error reaches the main process as this
+    type (torch rebuilds it from its text)."""
+
+
+def _damaged(path: str, index: int, reason: str) -> CorruptSampleError:
+    return CorruptSampleError(f"{path}: sample {index} is damaged ({reason})")
 
 
 @dataclass
@@ -49,8 +71,8 @@ class StoredImage:
 
     @property
     def num_tokens(self) -> int:
-        """``1 + h'(w'+1)``."""
-        return 1 + self.hp * (self.wp + 1)
+        """Image tokens of the span (``eve_image_rules.image_token_count``)."""
+        return image_token_count(self.hp, self.wp)
 
 
 @dataclass
@@ -99,18 +121,22 @@ class IndexedDatasetWriter:
                 any(a.pos > b.pos for a, b in zip(images, images[1:])):
             raise ValueError("image positions must be sorted and within [0, text_len]")
         c = self._cols
-        c["record_offset"].append(self._write(tok.tobytes() + msk.tobytes()))
+        record = tok.tobytes() + msk.tobytes()
+        crc = zlib.crc32(record)
+        c["record_offset"].append(self._write(record))
         img_tokens = sum(im.num_tokens for im in images)
         c["text_len"].append(len(tok))
         c["seq_len"].append(len(tok) + img_tokens)
         c["image_tokens"].append(img_tokens)
         for im in images:
+            crc = zlib.crc32(im.data, crc)
             c["image_offset"].append(self._write(im.data))
             c["image_nbytes"].append(len(im.data))
             c["image_h"].append(im.hp)
             c["image_w"].append(im.wp)
             c["image_pos"].append(im.pos)
         self._image_start.append(self._image_start[-1] + len(images))
+        c["sample_crc"].append(crc)
 
     def finalize(self) -> None:
         """Write ``.idx``, flush both to stable storage, then rename them to their final names."""
@@ -119,16 +145,21 @@ class IndexedDatasetWriter:
         self._bin.close()
         n, m = len(self), len(self._cols["image_h"])
         meta = json.dumps(self.metadata, sort_keys=True).encode()
+        parts = [MAGIC + struct.pack("<QQQQ", VERSION, n, m, len(meta)) + meta,
+                 b"\0" * _pad8(len(MAGIC) + 32 + len(meta))]
+        for name, dtype in _SAMPLE_FIELDS:
+            parts += [np.asarray(self._cols[name], dtype=dtype).tobytes(),
+                      b"\0" * _pad8(n * np.dtype(dtype).itemsize)]
+        parts.append(np.asarray(self._image_start, dtype="<i8").tobytes())
+        for name, dtype in _IMAGE_FIELDS:
+            parts += [np.asarray(self._cols[name], dtype=dtype).tobytes(),
+                      b"\0" * _pad8(m * np.dtype(dtype).itemsize)]
+        crc = 0
         with open(self.prefix + ".idx.tmp", "wb") as f:
-            f.write(MAGIC + struct.pack("<QQQQ", VERSION, n, m, len(meta)) + meta)
-            f.write(b"\0" * _pad8(len(MAGIC) + 32 + len(meta)))
-            for name, dtype in _SAMPLE_FIELDS:
-                f.write(np.asarray(self._cols[name], dtype=dtype).tobytes())
-                f.write(b"\0" * _pad8(n * np.dtype(dtype).itemsize))
-            f.write(np.asarray(self._image_start, dtype="<i8").tobytes())
-            for name, dtype in _IMAGE_FIELDS:
-                f.write(np.asarray(self._cols[name], dtype=dtype).tobytes())
-                f.write(b"\0" * _pad8(m * np.dtype(dtype).itemsize))
+            for part in parts:
+                crc = zlib.crc32(part, crc)
+                f.write(part)
+            f.write(struct.pack("<Q", crc))
             f.flush()
             os.fsync(f.fileno())
         os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
@@ -148,12 +179,24 @@ def _read_index(path: str) -> Tuple[dict, dict]:
     if raw[:8].tobytes() != MAGIC:
         raise ValueError(f"{path}: not an eve_megatron indexed dataset (bad magic)")
     version, n, m, meta_len = struct.unpack("<QQQQ", raw[8:40].tobytes())
-    if version != VERSION:
-        raise ValueError(f"{path}: format version {version}, this code reads {VERSION}")
-    meta = json.loads(raw[40:40 + meta_len].tobytes())
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: format version {version}, this code reads {READABLE_VERSIONS}")
+    if version >= 2:
+        stored = struct.unpack("<Q", raw[-8:].tobytes())[0] if len(raw) >= 48 else None
+        if stored != zlib.crc32(raw[:-8]):
+            raise ValueError(f"{path}: index is damaged (its CRC-32 does not match); "
+                             "re-run preprocessing")
+    else:
+        warnings.warn(f"{path}: format version 1 has no checksums; samples are read unverified "
+                      "(re-run preprocessing to add them)", stacklevel=3)
+    try:
+        meta = json.loads(raw[40:40 + meta_len].tobytes())
+    except ValueError:
+        raise ValueError(f"{path}: index metadata is not valid JSON (damaged file?)") from None
     at = 40 + meta_len + _pad8(40 + meta_len)
     arrays = {}
-    layout = [(name, dt, n) for name, dt in _SAMPLE_FIELDS] + [("image_start", "<i8", n + 1)] \
+    fields = _SAMPLE_FIELDS if version >= 2 else _V1_SAMPLE_FIELDS
+    layout = [(name, dt, n) for name, dt in fields] + [("image_start", "<i8", n + 1)] \
         + [(name, dt, m) for name, dt in _IMAGE_FIELDS]
     for name, dtype, count in layout:
         nbytes = count * np.dtype(dtype).itemsize
@@ -168,8 +211,10 @@ class IndexedDataset:
     """Read-only view of ``PREFIX.{idx,bin}``; ``.bin`` is memory-mapped on first access
     (so the object pickles cheaply into DataLoader workers)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, verify: bool = True) -> None:
         self.prefix = prefix
+        self.verify = verify
+        """Check each sample read against its stored checksum (when the file has them)."""
         for suffix in (".idx", ".bin"):
             if not os.path.isfile(prefix + suffix):
                 raise FileNotFoundError(f"indexed dataset file {prefix + suffix} does not exist")
@@ -193,19 +238,36 @@ class IndexedDataset:
         """A raw index array by name (``text_len``, ``image_tokens``, ``image_h`` ...)."""
         return self._a[name]
 
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the files carry per-sample checksums (format version >= 2)."""
+        return "sample_crc" in self._a
+
     def get(self, i: int) -> StoredSample:
-        """Read sample ``i``."""
+        """Read sample ``i``; :class:`CorruptSampleError` when its bytes fail the checksum or
+        its record lies outside ``.bin``."""
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {self.prefix} ({len(self)} samples)")
         if self._bin is None:
             self._bin = np.memmap(self.prefix + ".bin", dtype=np.uint8, mode="r")
         a, mm = self._a, self._bin
         off, n = int(a["record_offset"][i]), int(a["text_len"][i])
-        tokens = np.frombuffer(mm, dtype="<i4", count=n, offset=off).astype(np.int64)
-        mask = np.array(mm[off + 4 * n:off + 5 * n])
-        images = []
-        for j in range(int(a["image_start"][i]), int(a["image_start"][i + 1])):
-            o, nb = int(a["image_offset"][j]), int(a["image_nbytes"][j])
-            images.append(StoredImage(mm[o:o + nb].tobytes(), int(a["image_h"][j]),
-                                      int(a["image_w"][j]), int(a["image_pos"][j])))
+        spans = [(off, 5 * n)] + [(int(a["image_offset"][j]), int(a["image_nbytes"][j]))
+                                  for j in range(int(a["image_start"][i]), int(a["image_start"][i + 1]))]
+        if any(o < 0 or nb < 0 or o + nb > len(mm) for o, nb in spans):
+            raise _damaged(self.prefix + ".bin", i, "its record lies past the end of the file: "
+                           "truncated .bin or damaged .idx")
+        record = mm[off:off + 5 * n].tobytes()
+        datas = [mm[o:o + nb].tobytes() for o, nb in spans[1:]]
+        if self.verify and self.has_checksums:
+            crc = zlib.crc32(record)
+            for data in datas:
+                crc = zlib.crc32(data, crc)
+            if crc != int(a["sample_crc"][i]):
+                raise _damaged(self.prefix + ".bin", i, f"CRC-32 {crc:08x}, the index recorded "
+                               f"{int(a['sample_crc'][i]):08x}")
+        tokens = np.frombuffer(record, dtype="<i4", count=n).astype(np.int64)
+        mask = np.frombuffer(record, dtype=np.uint8, offset=4 * n).copy()
+        images = [StoredImage(data, int(a["image_h"][j]), int(a["image_w"][j]), int(a["image_pos"][j]))
+                  for j, data in zip(range(int(a["image_start"][i]), int(a["image_start"][i + 1])), datas)]
         return StoredSample(tokens=tokens, loss_mask=mask, images=images)

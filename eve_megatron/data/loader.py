@@ -48,6 +48,7 @@ def collate_rows(rows: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, object]:
     batch["max_seqlen"] = int(seg.max())
     batch["pixel_values"] = _pixel_values([r["pixel_blocks"] for r in rows])
     batch["image_grid_hw"] = torch.cat([r["image_grid_hw"] for r in rows])
+    batch["corrupt_samples"] = sum(int(r.get("corrupt_samples", 0)) for r in rows)
     return batch
 
 

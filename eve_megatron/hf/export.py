@@ -5,6 +5,11 @@ architecture, then every weight is read (one layer of one stacked tensor at a ti
 split by the mapping table and written into its safetensors shard before the next is
 read. Peak memory is about two of the largest tensors, independent of the model size.
 The folder is written under ``SAVE.tmp`` and renamed to ``SAVE`` only when complete.
+
+Integrity: the source checkpoint is verified against its ``SHA256SUMS`` before anything is
+read, the export gets its own ``SHA256SUMS`` (``sha256sum -c`` format; ``generate.py``
+checks it), and ``verify=True`` (``export_hf.py --verify``) reads the finished folder back
+and compares every tensor bit for bit with the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ from typing import List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from eve_megatron.checksums import check_folder, folder_files, hash_files, write_sums
 from eve_megatron.hf.dist_reader import DistCheckpointReader, storage_key
-from eve_megatron.hf.hf_files import (PlannedTensor, ShardedSafetensorsWriter, atomic_folder,
-                                      plan_shards, refuse_existing)
+from eve_megatron.hf.hf_files import (DTYPE_NAMES, DTYPES, HFWeights, PlannedTensor,
+                                      ShardedSafetensorsWriter, atomic_folder, plan_shards,
+                                      refuse_existing)
 from eve_megatron.hf.export_files import DEFAULT_IMAGES, write_side_files
 from eve_megatron.hf.mapping import hf_shapes, megatron_to_hf
 from eve_megatron.outputs import OutputLock
-from eve_megatron.hf.shapes import expected_shapes, heads_of
+from eve_megatron.hf.shapes import heads_of
+from eve_megatron.models.eve.weights import weight_shapes
 from eve_megatron.training import checkpointing
+from eve_megatron.training.checkpoint_checksums import verify_checkpoint
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def resolve_checkpoint(load: str, iteration: Optional[int] = None) -> Tuple[str, dict]:
@@ -42,7 +49,7 @@ def resolve_checkpoint(load: str, iteration: Optional[int] = None) -> Tuple[str,
 def check_tensors(reader: DistCheckpointReader, fields: dict) -> dict:
     """The architecture's weights, each checked present with the right shape and nothing
     else stored (errors name the tensor)."""
-    expected = expected_shapes(fields)
+    expected = weight_shapes(fields)
     layers = fields["num_layers"]
     extra = sorted(set(reader.tensors) - {storage_key(name)[0] for name in expected})
     if extra:
@@ -78,25 +85,26 @@ def export_checkpoint(load: str, save: str, tokenizer: Optional[str] = None,
                       iteration: Optional[int] = None, dtype: Optional[str] = None,
                       max_shard_bytes: int = 5 * 2**30, max_image_size: Optional[int] = None,
                       overwrite: bool = False, progress: bool = True, alpha: Optional[str] = None,
-                      vision_tower: Optional[str] = None) -> dict:
+                      vision_tower: Optional[str] = None, verify: bool = False) -> dict:
     """Export ``load`` (a checkpoint root) to the HF folder ``save``; returns a summary.
 
     ``max_image_size``/``alpha`` default to what the checkpoint recorded (the training
     data's), else ``DEFAULT_IMAGES``; ``vision_tower`` (``mm_vision_tower``) to ``save``'s
-    absolute path.
+    absolute path. ``verify`` re-reads the finished export (see the module docstring).
     """
     with OutputLock(save, "export folder"):
         return _export(load, save, tokenizer, iteration, dtype, max_shard_bytes, max_image_size,
-                       overwrite, progress, alpha, vision_tower)
+                       overwrite, progress, alpha, vision_tower, verify)
 
 
 def _export(load, save, tokenizer, iteration, dtype, max_shard_bytes, max_image_size, overwrite,
-            progress, alpha, vision_tower) -> dict:
+            progress, alpha, vision_tower, verify) -> dict:
     start = time.time()
     refuse_existing(save, overwrite)
     if tokenizer and not os.path.exists(tokenizer):
         raise FileNotFoundError(f"tokenizer {tokenizer!r} does not exist")
     source, fields = resolve_checkpoint(load, iteration)
+    verified_source = verify_checkpoint(source)
     images, origin = image_settings(load, iteration, max_image_size, alpha)
     reader = DistCheckpointReader(source)
     names, planned = plan(reader, fields, DTYPES[dtype] if dtype else None)
@@ -105,10 +113,15 @@ def _export(load, save, tokenizer, iteration, dtype, max_shard_bytes, max_image_
         _write_weights(reader, fields, names, ShardedSafetensorsWriter(tmp, shards), progress)
         write_side_files(tmp, save, fields, DTYPE_NAMES[planned[0].dtype], tokenizer, images,
                          vision_tower)
-    return {"output": save, "source": source, "tensors": len(planned),
-            "bytes": sum(t.nbytes for t in planned), "shards": len(shards),
-            "largest_tensor_bytes": max(t.nbytes for t in planned),
-            "images": dict(images, source=origin), "seconds": round(time.time() - start, 3)}
+        write_sums(tmp, hash_files(tmp, folder_files(tmp)))
+    summary = {"output": save, "source": source, "source_verified": verified_source,
+               "tensors": len(planned), "bytes": sum(t.nbytes for t in planned),
+               "shards": len(shards), "largest_tensor_bytes": max(t.nbytes for t in planned),
+               "images": dict(images, source=origin)}
+    if verify:
+        verify_export(save, reader, fields, names, {t.name: t.dtype for t in planned})
+        summary["verified"] = True
+    return dict(summary, seconds=round(time.time() - start, 3))
 
 
 def image_settings(load: str, iteration: Optional[int], max_image_size: Optional[int],
@@ -137,3 +150,22 @@ def _write_weights(reader, fields, names, writer: ShardedSafetensorsWriter, prog
                 bar.update(writer.write(hf_name, part))
             del tensor
     writer.finish()
+
+
+def verify_export(save: str, reader: DistCheckpointReader, fields: dict, names: List[str],
+                  dtypes: dict) -> None:
+    """Check ``save`` against its ``SHA256SUMS`` and every exported tensor against the
+    checkpoint (bit for bit after the export's dtype cast); raises ``ValueError`` naming
+    the first tensor that differs or is missing."""
+    check_folder(save, "export", required=True)
+    exported = HFWeights(save)
+    heads = heads_of(fields)
+    for name in names:
+        key, layer = storage_key(name)
+        for hf_name, part in megatron_to_hf(name, reader.read(key, layer), heads):
+            if hf_name not in exported:
+                raise ValueError(f"export {save}: tensor {hf_name!r} is missing")
+            if not torch.equal(exported.read(hf_name), part.to(dtypes[hf_name])):
+                raise ValueError(f"export {save}: tensor {hf_name!r} in "
+                                 f"{os.path.basename(exported.files[hf_name])} differs from the "
+                                 f"checkpoint's {name!r}")

@@ -11,10 +11,12 @@ official decoding does.
 from __future__ import annotations
 
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from eve_megatron.checksums import SUMS, check_folder
 from eve_megatron.data.templates import IM_END
 from eve_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from eve_megatron.hf.processing import prompt_ids
@@ -29,12 +31,16 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     return {name: dtype}
 
 
-def load_export(model_dir: str, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer, image processor)`` of an exported folder (offline, eval mode)."""
+def load_export(model_dir: str, dtype: torch.dtype = torch.float32, verify: bool = True):
+    """``(model, tokenizer, image processor)`` of an exported folder (offline, eval mode);
+    ``verify`` checks its files against its ``SHA256SUMS`` first (a note on stderr when it
+    has none)."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir!r} is not an exported model folder (no config.json)")
+    if verify and not check_folder(model_dir, "model folder"):
+        print(f"note: {model_dir} has no {SUMS}; its files are not verified", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
                                                  local_files_only=True, **dtype_kwarg(dtype))
     model.eval()

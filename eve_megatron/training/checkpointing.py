@@ -12,6 +12,12 @@ stable storage, and renamed once every rank has finished; the ``latest`` marker 
 loss during a save leaves the previous checkpoint complete and marked latest. Any
 tensor/pipeline/virtual-pipeline/data-parallel layout can load any other's checkpoint.
 
+    SAVE/iter_0000100/SHA256SUMS             every file's SHA-256 (``sha256sum -c`` format)
+
+is written after the rename, by the ranks hashing in the background
+(``checkpoint_checksums.py``), and verified before every load: a flipped byte in any
+shard, the common state or the metadata is an error naming the file.
+
 The state dict holds ``model`` (``model0``, ``model1``, ... for virtual pipeline chunks)
 and whatever the caller adds through ``extra`` (optimizer, scheduler, RNG, data position:
 see ``training/state.py``). A checkpoint without them (e.g. written by a conversion tool)
@@ -30,6 +36,7 @@ from megatron.core import dist_checkpointing
 
 from eve_megatron.models.eve.config import model_fields
 from eve_megatron.launch.lifetime import install_checkpoint_writer_queue
+from eve_megatron.training.checkpoint_checksums import PendingChecksums, verify_checkpoint
 from eve_megatron.outputs import fsync_dir, fsync_tree
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -95,8 +102,16 @@ def _with_extra(chunks: List[torch.nn.Module], extra: Extra) -> Dict:
 
 def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
                     extra: Extra = None, images: Optional[Dict] = None) -> str:
-    """Collective: save the model chunks (+ ``extra`` sharded state) atomically; ``images``
-    (``IMAGE_KEYS``) is recorded beside the architecture when known."""
+    """Collective: save the model chunks (+ ``extra`` sharded state) atomically with its
+    checksums; ``images`` (``IMAGE_KEYS``) is recorded beside the architecture when known."""
+    return start_save(root, iteration, chunks, extra, images).finish()
+
+
+def start_save(root: str, iteration: int, chunks: List[torch.nn.Module],
+               extra: Extra = None, images: Optional[Dict] = None) -> PendingChecksums:
+    """Collective: :func:`save_checkpoint` up to the visible, marked-latest checkpoint; its
+    files are being hashed in the background until the returned handle's ``finish()``
+    (collective) writes ``SHA256SUMS``."""
     unknown = set(images or {}) - set(IMAGE_KEYS)
     if unknown:
         raise ValueError(f"unknown image settings {sorted(unknown)}; known: {IMAGE_KEYS}")
@@ -123,17 +138,21 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module],
         fsync_dir(root)
         _write_atomic(os.path.join(root, LATEST), str(iteration))
     torch.distributed.barrier()
-    return final
+    return PendingChecksums(final)
 
 
 def load_checkpoint(root: str, chunks: List[torch.nn.Module], iteration: Optional[int] = None,
-                    extra: Extra = None, strict: bool = True) -> Tuple[int, Dict]:
+                    extra: Extra = None, strict: bool = True,
+                    verify: bool = True) -> Tuple[int, Dict]:
     """Collective: load the model chunks in place; returns ``(iteration, loaded extra)``.
 
     ``extra`` holds sharded templates (e.g. the optimizer's) to load alongside the model.
+    ``verify`` checks the files against ``SHA256SUMS`` first (all ranks share the reading).
     """
     iteration = _resolve(root, iteration)
     path = iteration_dir(root, iteration)
+    if verify:
+        verify_checkpoint(path)
     loaded = dist_checkpointing.load(_with_extra(chunks, extra), path)
     plain = [getattr(c, "module", c) for c in chunks]
     keys = ["model"] if len(plain) == 1 else [f"model{i}" for i in range(len(plain))]

@@ -103,6 +103,9 @@ class DataArgs:
                                          "(checks that its vocabulary fits the model)")
     num_workers: int = arg(2, "DataLoader worker processes per rank (decode images)")
     shuffle_window: int = arg(10000, "samples per best-fit packing window")
+    corrupt_samples: str = arg("stop", "a dataset sample whose checksum does not match: stop "
+                               "naming its file and index, or skip it and count it in the log",
+                               choices=("stop", "skip"))
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an impossible combination."""
@@ -207,6 +210,9 @@ class CheckpointArgs:
     no_save_optim: bool = arg(False, "save model weights only")
     overwrite: bool = arg(False, "let --save hold another run's checkpoints (new saves move its "
                           "latest marker); without it such a --save is refused")
+    no_checkpoint_verify: bool = arg(False, "load without checking the checkpoint's files against "
+                                     "its SHA256SUMS (checked by default, all ranks sharing "
+                                     "the reading)")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an impossible combination."""

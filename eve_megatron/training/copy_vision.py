@@ -20,6 +20,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from eve_megatron.models.eve.config import config_from_fields
 from eve_megatron.outputs import lock_on_rank0
 from eve_megatron.training import checkpointing
+from eve_megatron.training.checkpoint_checksums import verify_checkpoint
 from eve_megatron.training.model_setup import build_model_chunks
 
 
@@ -60,6 +61,7 @@ def copy_vision_branch(load: str, save: str, iteration: Optional[int] = None,
 def _copy(load: str, save: str, iteration: Optional[int]) -> Dict:
     iteration = checkpointing._resolve(load, iteration)
     path = checkpointing.iteration_dir(load, iteration)
+    verify_checkpoint(path)
     fields = checkpointing.read_model_fields(load, iteration)
     if fields["decoupling"] == "all":
         raise ValueError(f"{path} already has decoupling='all': nothing to copy")

@@ -17,7 +17,7 @@ from eve_megatron.data.dataset import EVEPackedDataset, PackedDataConfig
 from eve_megatron.data.loader import build_data_loader
 from eve_megatron.training.config import ConfigError, TrainConfig
 
-STAT_NAMES = ("image_tokens", "text_tokens", "samples", "rows")
+STAT_NAMES = ("image_tokens", "text_tokens", "samples", "rows", "corrupt_samples")
 """What :func:`batch_stats` counts, in order."""
 
 
@@ -32,7 +32,7 @@ def build_train_stream(cfg: TrainConfig, consumed_samples: int) -> Iterator[Dict
     try:
         dataset = EVEPackedDataset(PackedDataConfig(
             data_path=list(d.data_path), seq_length=d.seq_length, num_samples=total,
-            seed=t.seed, shuffle_window=d.shuffle_window))
+            seed=t.seed, shuffle_window=d.shuffle_window, corrupt_samples=d.corrupt_samples))
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"data: {exc}") from None
     _describe(dataset)
@@ -104,7 +104,8 @@ def _describe(dataset: EVEPackedDataset) -> None:
 
 @torch.no_grad()
 def batch_stats(batch: Dict) -> torch.Tensor:
-    """``[image tokens, text tokens, samples, rows]`` of a micro-batch (float64).
+    """``[image tokens, text tokens, samples, rows, corrupt samples skipped]`` of a
+    micro-batch (float64).
 
     Text tokens are the non-image tokens of real samples; the padding segment at the end
     of a row (no supervised label, no image) counts as neither.
@@ -117,8 +118,8 @@ def batch_stats(batch: Dict) -> torch.Tensor:
     real = hits > 0
     image = int(batch["is_vision"].sum())
     tokens = int(lens[real].sum())
-    return torch.tensor([image, tokens - image, int(real.sum()), batch["tokens"].shape[0]],
-                        dtype=torch.float64)
+    return torch.tensor([image, tokens - image, int(real.sum()), batch["tokens"].shape[0],
+                         batch.get("corrupt_samples", 0)], dtype=torch.float64)
 
 
 class StepData:

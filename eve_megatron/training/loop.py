@@ -56,6 +56,8 @@ class Trainer:
     """How the training images were prepared (recorded with every checkpoint)."""
     lock: object = None
     """The OS lock on --save this run holds (rank 0), released when the run ends."""
+    pending_save: object = None
+    """The last save, while its files are hashed in the background (``PendingChecksums``)."""
 
     def _device(self):
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -103,6 +105,7 @@ class Trainer:
             while st.iteration < total:
                 data = StepData(self.stream, n_micro, len(self.chunks))
                 result = self.train_step(data)
+                self.finish_save()  # the previous save's checksums, hashed during this step
                 st.iteration += 1
                 st.consumed_samples += cfg.training.global_batch_size
                 st.skipped_iterations += int(result.skipped)
@@ -127,6 +130,7 @@ class Trainer:
                     break
             if cfg.checkpoint.save and saved_at != st.iteration:
                 self.save()
+            self.finish_save()
         finally:
             reporter.close()
         return self.losses
@@ -136,7 +140,9 @@ class Trainer:
         return float(groups[0]["lr"]) if groups else float("nan")
 
     def save(self) -> int:
-        """Save a checkpoint of the current iteration (refused if any weight is non-finite)."""
+        """Save a checkpoint of the current iteration (refused if any weight is non-finite).
+        Its files are hashed in the background; :meth:`finish_save` writes the record."""
+        self.finish_save()
         cfg, st = self.cfg, self.state
         bad = torch.zeros(1, device=self._device())
         for chunk in self.chunks:
@@ -150,8 +156,15 @@ class Trainer:
                                  f"{checkpointing.latest_iteration(cfg.checkpoint.save)}")
         extra = training_extra(self.optimizer, self.scheduler, st,
                                with_optimizer=not cfg.checkpoint.no_save_optim)
-        path = checkpointing.save_checkpoint(cfg.checkpoint.save, st.iteration, self.chunks, extra,
-                                              images=self.image_settings)
+        self.pending_save = checkpointing.start_save(cfg.checkpoint.save, st.iteration,
+                                                     self.chunks, extra, images=self.image_settings)
         if torch.distributed.get_rank() == 0:
-            print(f"saved checkpoint {path}", flush=True)
+            print(f"saved checkpoint {self.pending_save.folder}", flush=True)
         return st.iteration
+
+    def finish_save(self) -> None:
+        """Collective: wait for the last save's background hashing and write its
+        ``SHA256SUMS`` (nothing when no save is pending)."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is not None:
+            pending.finish()

@@ -17,6 +17,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from eve_megatron.models.eve.flops import model_flops_per_token
+from eve_megatron.training.data_setup import STAT_NAMES
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
                     "L40S": 362.0, "B200": 2250.0, "GB200": 2500.0}
@@ -47,6 +48,7 @@ class Reporter:
     def __init__(self, cfg, model_config, total_iters: int, start_iter: int):
         self.cfg, self.total = cfg, total_iters
         self.interval = cfg.logging.log_interval
+        self.corrupt_total = 0
         self.flops_per_token = model_flops_per_token(model_config, cfg.data.seq_length)
         self.peak = peak_tflops(cfg.logging.peak_tflops)
         self.on = is_logging_rank()
@@ -64,7 +66,7 @@ class Reporter:
 
     def _reset(self) -> None:
         self.t0 = time.perf_counter()
-        self.stats = torch.zeros(4, dtype=torch.float64)
+        self.stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
         self.loss_sum = self.loss_count = 0.0
         self.iters = self.skipped = 0
         self.grad_norm = float("nan")
@@ -73,6 +75,7 @@ class Reporter:
             lr: float, skipped: bool) -> None:
         """Record one iteration (``stats`` summed over data-parallel ranks)."""
         self.stats += stats
+        self.corrupt_total += int(stats[STAT_NAMES.index("corrupt_samples")])
         self.iters += 1
         self.skipped += int(skipped)
         if loss is not None and math.isfinite(loss):
@@ -88,7 +91,7 @@ class Reporter:
 
     def _emit(self, iteration: int) -> None:
         seconds = max(time.perf_counter() - self.t0, 1e-9)
-        image, text, samples, rows = self.stats.tolist()
+        image, text, samples, rows, _ = self.stats.tolist()
         loss = self.loss_sum / self.loss_count if self.loss_count else None  # None: all skipped
         m: Dict[str, float] = {
             "learning-rate": self.lr,
@@ -104,6 +107,9 @@ class Reporter:
                 f"ms/iter {m['ms-per-iteration']:.1f} | tokens/s {m['tokens-per-sec']:.0f} "
                 f"(image {m['image-tokens-per-sec']:.0f}, text {m['text-tokens-per-sec']:.0f}) | "
                 f"samples/s {m['samples-per-sec']:.2f} | skipped {self.skipped}")
+        if self.corrupt_total:  # --corrupt-samples skip: damaged samples left out so far
+            m["corrupt-samples"] = self.corrupt_total
+            line += f" | damaged samples skipped {self.corrupt_total}"
         if torch.cuda.is_available():
             computed = rows * self.cfg.data.seq_length  # padding is computed too
             tflops = computed * self.flops_per_token / seconds / 1e12 / torch.distributed.get_world_size()

@@ -61,3 +61,26 @@ def crash_during_save(root):
     fresh = _model(2, 1, seed=5)
     iteration, _ = checkpointing.load_checkpoint(root, fresh)
     return {"latest": latest, "iteration": iteration, "before": before, "after": _full(fresh)}
+
+
+def damaged_load(root):
+    """Save at TP2 (both ranks hash a share), damage one file, load on both ranks: return
+    each rank's error text."""
+    from eve_megatron.checksums import ChecksumError, read_sums
+
+    chunks = _model(2, 1)
+    checkpointing.save_checkpoint(root, 1, chunks)
+    folder = checkpointing.iteration_dir(root, 1)
+    names = sorted(read_sums(folder))
+    if torch.distributed.get_rank() == 0:
+        with open(f"{folder}/{names[-1]}", "r+b") as f:  # the last file: rank 1's share
+            f.seek(10)
+            byte = f.read(1)
+            f.seek(10)
+            f.write(bytes([byte[0] ^ 1]))
+    torch.distributed.barrier()
+    try:
+        checkpointing.load_checkpoint(root, _model(2, 1, seed=3))
+    except ChecksumError as exc:
+        return {"error": str(exc), "names": names}
+    return {"error": None, "names": names}

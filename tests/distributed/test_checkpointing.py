@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from eve_megatron.checksums import check_folder
 from eve_megatron.launch import run_distributed
 from eve_megatron.training import checkpointing
 
@@ -28,6 +29,15 @@ def test_reshard_tp2pp2_to_every_layout(tmp_path):
             assert torch.equal(tensor, saved[name]), (layout, name)
     assert checkpointing.read_model_fields(root)["num_layers"] == 4
     assert checkpointing.latest_iteration(root) == 7
+    assert check_folder(checkpointing.iteration_dir(root, 7), required=True)  # 4 ranks' shares
+
+
+def test_a_damaged_file_fails_the_load_on_every_rank(tmp_path):
+    results = run_distributed("tests.distributed.ckpt_workers:damaged_load", 2,
+                              root=str(tmp_path / "ckpt"))
+    damaged = results[0]["names"][-1]
+    for r in results:
+        assert r["error"] is not None and f"{damaged}: damaged" in r["error"], r["error"]
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):

@@ -180,6 +180,12 @@ def test_generate_tool_and_text_only_answer(megatron_world, exports, tmp_path):
     assert ids == expected and text == tok.decode(expected, skip_special_tokens=True).strip()
 
 
+def _record_sums(folder):
+    from eve_megatron.checksums import folder_files, hash_files, write_sums
+
+    write_sums(folder, hash_files(folder, folder_files(folder)))
+
+
 def test_export_errors_name_the_tensor_and_leave_nothing(exports, tmp_path):
     """A recorded architecture that disagrees with the stored tensors fails up front."""
     from eve_megatron.hf.export import export_checkpoint
@@ -196,9 +202,11 @@ def test_export_errors_name_the_tensor_and_leave_nothing(exports, tmp_path):
         try:
             with open(path, "w") as f:
                 json.dump(dict(fields, **change), f)
+            _record_sums(os.path.dirname(path))  # a consistent checkpoint, wrong architecture
             with pytest.raises(error, match=name.replace(".", r"\.")):
                 export_checkpoint(root, save, progress=False)
         finally:
             with open(path, "w") as f:
                 json.dump(fields, f)
+            _record_sums(os.path.dirname(path))
         assert not os.path.exists(save) and not os.path.exists(save + ".tmp")

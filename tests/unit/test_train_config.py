@@ -154,7 +154,8 @@ def test_batch_stats_counts_image_text_and_padding():
             samples += 1
             image += int(vis.sum())
             text += int((~vis).sum())
-    assert stats == [image, text, samples, 3]
+    assert stats == [image, text, samples, 3, 0]
+    assert batch_stats({**batch, "corrupt_samples": 2})[4] == 2
     assert image > 0 and text > 0 and samples < len(seg.unique())
     assert batch_stats({**batch, "is_vision": torch.zeros_like(batch["is_vision"])})[0] == 0
 
@@ -208,11 +209,15 @@ def test_a_skipped_step_logs_its_loss_as_skipped(megatron_world, capsys):
     cfg = parse_config(["--model-preset", "tiny", "--data-path", "x", "--train-iters", "3",
                         "--log-interval", "1", "--no-progress"])
     reporter = Reporter(cfg, eve_config("tiny"), 3, 0)
-    stats = torch.tensor([4.0, 60.0, 2.0, 1.0], dtype=torch.float64)
+    stats = torch.tensor([4.0, 60.0, 2.0, 1.0, 0.0], dtype=torch.float64)
     reporter.add(1, stats, float("nan"), float("nan"), 1e-3, skipped=True)
-    assert "loss skipped" in capsys.readouterr().out and "lm-loss" not in reporter.last
-    reporter.add(2, stats, 2.5, 1.0, 1e-3, skipped=False)
-    assert "loss 2.500000e+00" in capsys.readouterr().out and reporter.last["lm-loss"] == 2.5
+    out = capsys.readouterr().out
+    assert "loss skipped" in out and "lm-loss" not in reporter.last and "damaged" not in out
+    reporter.add(2, stats + torch.tensor([0, 0, 0, 0, 3.0], dtype=torch.float64), 2.5, 1.0, 1e-3,
+                 skipped=False)
+    out = capsys.readouterr().out
+    assert "loss 2.500000e+00" in out and reporter.last["lm-loss"] == 2.5
+    assert "damaged samples skipped 3" in out and reporter.last["corrupt-samples"] == 3
 
 
 def test_values_the_optimizer_cannot_hold_are_refused_up_front(tmp_path):
