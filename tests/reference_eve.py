@@ -1,4 +1,5 @@
-"""A plain single-process PyTorch reference of the EVE math, independent of eve_megatron.
+"""A plain single-process PyTorch reference of the EVE math, independent of eve_megatron's code
+(it asks only ``models/eve/weights.py`` which parts have vision copies: a fact, not math).
 
 Written from ../shared/docs/eve_reference.md: HF-style weight names (separate q/k/v and
 gate/up), the reference's dense blend ``text(x) * (1 - m) + vision(x) * m``, a loop of
@@ -15,6 +16,8 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
+
+from eve_megatron.models.eve.weights import has_vision_twin
 
 BRANCHES = ("text", "vision")
 
@@ -85,8 +88,8 @@ def to_megatron(w: Dict[str, torch.Tensor], shape: RefShape) -> Dict[str, torch.
             qb = torch.cat([w[p + "q.b"].view(groups, -1), w[p + "k.b"].view(groups, -1),
                             w[p + "v.b"].view(groups, -1)], dim=1).reshape(-1)
             m = f"decoder.layers.{i}."
-            split_attn = shape.decoupling == "all"
-            split_mlp = shape.decoupling in ("mlp", "all")
+            split_attn = has_vision_twin(shape.decoupling, "self_attention")
+            split_mlp = has_vision_twin(shape.decoupling, "mlp")
             if br == "text" or split_attn:
                 out[m + f"{v}input_layernorm.weight"] = w[p + "ln1"]
                 out[m + f"{v}pre_mlp_layernorm.weight"] = w[p + "ln2"]
@@ -142,7 +145,8 @@ def forward(w, shape: RefShape, batch) -> torch.Tensor:
     d, nh, nkv = shape.head_dim, shape.heads, shape.kv_heads
     for i in range(shape.layers):
         pt, pv = f"layers.{i}.text.", f"layers.{i}.vision."
-        sa, sm = shape.decoupling != "all", shape.decoupling == "none"
+        sa = not has_vision_twin(shape.decoupling, "self_attention")  # shared, not routed
+        sm = not has_vision_twin(shape.decoupling, "mlp")
         lin = lambda t, ww, p, name: F.linear(t, ww[p + name + ".w"], ww.get(p + name + ".b"))  # noqa: E731
         ln = _blend(x, m, w, pt, pv, lambda t, ww, p: _rms(t, ww[p + "ln1"], shape.eps), sa)
         q = _blend(ln, m, w, pt, pv, lambda t, ww, p: lin(t, ww, p, "q"), sa)

@@ -26,8 +26,12 @@ from typing import Tuple
 import numpy as np
 from PIL import Image
 
-BLOCK = 32
-"""Pixels per image block side in the release (patch_stride 16 x dense_stride 2)."""
+PATCH_STRIDE = 16
+"""Kernel and stride of the release's first patch-embedding conv."""
+DENSE_STRIDE = 2
+"""Kernel and stride of its second conv."""
+BLOCK = PATCH_STRIDE * DENSE_STRIDE
+"""Pixels per side of the square that becomes one image token (32 in the release)."""
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ALPHA_RULES = ("drop", "white")
@@ -36,8 +40,9 @@ _GREY_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _WITH_ALPHA = ("RGBA", "LA", "La", "PA", "RGBa")
 
 
-def image_token_count(hp: int, wp: int) -> int:
-    """Tokens of an image of ``hp x wp`` blocks: class token + rows of ``wp`` blocks + split."""
+def image_token_count(hp, wp):
+    """Tokens of an image of ``hp x wp`` blocks: class token + rows of ``wp`` blocks + split.
+    Works on ints and elementwise on arrays/tensors; the one place this formula is written."""
     return 1 + hp * (wp + 1)
 
 

@@ -23,13 +23,13 @@ from typing import Callable, Dict, Optional
 import torch
 
 from eve_megatron.hf import config_map
-from eve_megatron.hf.hf_files import HFWeights, atomic_folder, refuse_existing
+from eve_megatron.hf.hf_files import DTYPES, HFWeights, atomic_folder, refuse_existing
 from eve_megatron.hf.mapping import hf_names, hf_to_megatron, vision_twin
 from eve_megatron.hf.progress import FileProgress, write_progress
 from eve_megatron.outputs import OutputLock
-from eve_megatron.hf.shapes import expected_shapes, heads_of
+from eve_megatron.hf.shapes import heads_of
+from eve_megatron.models.eve.weights import weight_shapes
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PATCH = "embedding.patch_embedding."
 
 
@@ -68,7 +68,7 @@ class LazyFullStateDict(Mapping):
                  on_read: Optional[Callable[[], None]] = None):
         self.weights, self.fields, self.dtype, self.seed = weights, fields, dtype, seed
         self.on_read = on_read
-        self.shapes = expected_shapes(fields)
+        self.shapes = weight_shapes(fields)
         self.heads = heads_of(fields)
         self.has_vision_tower = any(n.startswith("model.vision_tower.") for n in weights.names())
         self.used, self.origin = set(), {}

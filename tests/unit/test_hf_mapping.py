@@ -15,7 +15,8 @@ from eve_megatron.hf.mapping import (
     megatron_to_hf,
 )
 from eve_megatron.hf.modeling_eve_qwen2 import EVEQwen2ForCausalLM
-from eve_megatron.hf.shapes import expected_shapes, heads_of
+from eve_megatron.hf.shapes import heads_of
+from eve_megatron.models.eve.weights import weight_shapes
 from eve_megatron.models.eve import EVEModel, eve_config
 from eve_megatron.models.eve.config import model_fields
 from tests.reference_eve import RefShape, make_weights, to_megatron
@@ -55,7 +56,7 @@ def test_table_covers_megatron_and_hf_models_exactly(megatron_world, decoupling,
     cfg = eve_config("tiny", decoupling=decoupling, share_embeddings_and_output_weights=tied)
     megatron = {n: tuple(p.shape) for n, p in EVEModel(cfg).named_parameters()}
     fields = model_fields(cfg)
-    assert expected_shapes(fields) == megatron
+    assert weight_shapes(fields) == megatron
     hf = EVEQwen2ForCausalLM(EVEQwen2Config(**config_map.hf_config(fields, "float32")))
     hf_params = {n: tuple(p.shape) for n, p in hf.named_parameters()}
     mapped = {}

@@ -63,6 +63,7 @@ def write_dataset(prefix: str, seq: int, n: int = 96, vocab: int = 500, seed: in
     from PIL import Image
 
     from eve_megatron.data.indexed import IndexedDatasetWriter, StoredImage
+    from eve_megatron.hf.eve_image_rules import image_token_count
 
     rng = np.random.default_rng(seed)
     writer = IndexedDatasetWriter(prefix, {"vocab_size": vocab, "image": {"max_size": 1600,
@@ -73,7 +74,7 @@ def write_dataset(prefix: str, seq: int, n: int = 96, vocab: int = 500, seed: in
         wp = max(1, (target // 2 - 1) // hp - 1)
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (32 * hp, 32 * wp, 3), dtype=np.uint8)).save(buf, "PNG")
-        t = max(4, target - (1 + hp * (wp + 1)))
+        t = max(4, target - image_token_count(hp, wp))
         writer.add(rng.integers(1, vocab, t), np.ones(t, dtype=np.int64),
                    [StoredImage(buf.getvalue(), hp, wp, 0)])
     writer.finalize()

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from eve_megatron.hf.eve_image_rules import DENSE_STRIDE, PATCH_STRIDE
 from eve_megatron.models.eve.core_attention import ATTENTION_BACKENDS, resolve_attention_backend
 
 DECOUPLINGS = ("none", "mlp", "all")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+INHERITED_ARCHITECTURE = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "kv_channels", "layernorm_epsilon", "add_qkv_bias", "normalization", "gated_linear_unit")
+"""Megatron-Core ``TransformerConfig`` fields that define an EVE model's weights and math
+(recorded in checkpoints with the ``_arch`` fields declared below)."""
+
+
+def _arch(default):
+    """A field that defines the architecture: recorded with every checkpoint (``MODEL_FIELDS``)."""
+    return field(default=default, metadata={"architecture": True})
+
+
+def _runtime(default):
+    """A field of how the model runs (backend, kernels), not of what it is: not recorded."""
+    return field(default=default, metadata={"architecture": False})
 
 
 @dataclass
@@ -22,27 +38,27 @@ class EVEConfig(TransformerConfig):
     Megatron-Core TransformerConfig field can still be given.
     """
 
-    vocab_size: int = 0
+    vocab_size: int = _arch(0)
     """Size of the (padded) vocabulary; must divide by the tensor-parallel size."""
-    max_sequence_length: int = 4096
+    max_sequence_length: int = _arch(4096)
     """Largest position id + 1 the rotary table must cover."""
-    rotary_base: float = 1_000_000.0
+    rotary_base: float = _arch(1_000_000.0)
     """RoPE theta."""
-    share_embeddings_and_output_weights: bool = False
+    share_embeddings_and_output_weights: bool = _arch(False)
     """Tie the LM head to the token embedding (Qwen2.5-0.5B/1.5B tie, 7B does not)."""
-    decoupling: str = "all"
+    decoupling: str = _arch("all")
     """Which weights have a vision copy: 'none' (EVEv1.0), 'mlp' (EVEv1.5), 'all' (EVEv2.0:
     both norms, q/k/v, output projection and MLP)."""
-    vision_hidden_size: int = 1024
+    vision_hidden_size: int = _arch(1024)
     """Width C of the first patch-embedding conv (3 -> C)."""
-    patch_stride: int = 16
-    """Kernel and stride of the first patch-embedding conv."""
-    dense_stride: int = 2
-    """Kernel and stride of the second conv (C -> hidden); one image token per
-    (patch_stride * dense_stride)^2 pixels."""
-    transformer_impl: str = "local"
+    patch_stride: int = _arch(PATCH_STRIDE)
+    """Kernel and stride of the first patch-embedding conv (the release's, 16)."""
+    dense_stride: int = _arch(DENSE_STRIDE)
+    """Kernel and stride of the second conv (C -> hidden; the release's, 2); one image token
+    per (patch_stride * dense_stride)^2 pixels: the data's block (``eve_image_rules.BLOCK``)."""
+    transformer_impl: str = _runtime("local")
     """'local' (pure PyTorch/Megatron, CPU and GPU) or 'transformer_engine' (TE linears/norms)."""
-    core_attention_impl: str = "auto"
+    core_attention_impl: str = _runtime("auto")
     """The attention backend (the trainer's --attention-backend): 'sdpa', 'flex',
     'torch_varlen', 'flash_attn', 'te' or 'auto' (see ``core_attention.py``)."""
 
@@ -94,6 +110,7 @@ def _validate(cfg: EVEConfig) -> None:
         (cfg.core_attention_impl in ATTENTION_BACKENDS,
          f"core_attention_impl must be one of {ATTENTION_BACKENDS}, got {cfg.core_attention_impl!r}"),
         (cfg.normalization == "RMSNorm", "EVE (Qwen2) uses normalization='RMSNorm'"),
+        (cfg.activation_func is F.silu, "EVE (Qwen2) uses activation_func=F.silu (SwiGLU)"),
         (not cfg.add_bias_linear,
          "add_bias_linear must be False: Qwen2 has no bias on o_proj/MLP (add_qkv_bias covers q/k/v)"),
         (not cfg.apply_rope_fusion, "apply_rope_fusion must be False: positions are per token"),
@@ -152,13 +169,10 @@ def eve_config(preset: str, **overrides) -> EVEConfig:
     return EVEConfig(**kwargs)
 
 
-MODEL_FIELDS = (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-    "kv_channels", "vocab_size", "max_sequence_length", "rotary_base",
-    "share_embeddings_and_output_weights", "decoupling", "vision_hidden_size", "patch_stride",
-    "dense_stride", "layernorm_epsilon", "add_qkv_bias", "normalization", "gated_linear_unit",
-)
-"""The fields that define the model's weights and math (what a checkpoint records)."""
+MODEL_FIELDS = INHERITED_ARCHITECTURE + tuple(
+    f.name for f in fields(EVEConfig) if f.metadata.get("architecture"))
+"""The fields that define the model's weights and math (what a checkpoint records): the
+inherited ones above plus every field ``EVEConfig`` declares with ``_arch``."""
 
 
 def model_fields(cfg: EVEConfig) -> dict:

@@ -1,10 +1,13 @@
-"""Parameter counts and model FLOPs per token (for MFU), from the config alone."""
+"""Parameter counts and model FLOPs per token (for MFU), from the weights the architecture has
+(``weights.weight_shapes``), without building a model."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from eve_megatron.models.eve.config import EVEConfig
+from eve_megatron.models.eve.config import EVEConfig, model_fields
+from eve_megatron.models.eve.weights import layer_weight_shapes, weight_shapes
 
 
 @dataclass
@@ -21,35 +24,26 @@ class ParameterCounts:
 
 
 def parameter_counts(cfg: EVEConfig) -> ParameterCounts:
-    """Exact counts for ``cfg`` (matches the instantiated model at TP=PP=1)."""
-    h, v, d = cfg.hidden_size, cfg.vocab_size, cfg.kv_channels
-    nq, nkv = cfg.num_attention_heads, cfg.num_query_groups
-    qkv_out = (nq + 2 * nkv) * d
-    attn = h * qkv_out + (qkv_out if cfg.add_qkv_bias else 0) + nq * d * h
-    mlp = h * cfg.ffn_hidden_size * (3 if cfg.gated_linear_unit else 2)
-    norms = 2 * h
-    per_layer_copy = {"none": 0, "mlp": mlp, "all": attn + mlp + norms}[cfg.decoupling]
-    p, c, ds = cfg.patch_stride, cfg.vision_hidden_size, cfg.dense_stride
-    patch = 3 * p * p * c + c + c * ds * ds * h + h + 2 * h
-    shared = v * h * (1 if cfg.share_embeddings_and_output_weights else 2) + h + patch
-    base = cfg.num_layers * (attn + mlp + norms)
-    copies = cfg.num_layers * per_layer_copy
-    return ParameterCounts(total=shared + base + copies, active=shared + base,
-                           vision_copies=copies, patch_embedding=patch)
+    """Exact counts for ``cfg`` (equal to the instantiated model's at TP=PP=1)."""
+    sizes = {name: math.prod(shape) for name, shape in weight_shapes(model_fields(cfg)).items()}
+    total = sum(sizes.values())
+    copies = sum(n for name, n in sizes.items() if ".vision_" in f".{name}")
+    patch = sum(n for name, n in sizes.items() if name.startswith("embedding.patch_embedding."))
+    return ParameterCounts(total=total, active=total - copies, vision_copies=copies,
+                           patch_embedding=patch)
 
 
 def model_flops_per_token(cfg: EVEConfig, seq_length: int) -> float:
     """Training FLOPs (forward + backward) per token, Megatron-style.
 
-    ``6 * matmul parameters a token uses`` (one branch; the LM head included, embeddings
-    excluded) plus causal attention ``6 * layers * heads * head_dim * seq_length``
-    (QK^T and AV, forward x3 for backward, halved for causality). The patch embedding
-    runs once per 32x32 block, not per token, and is left out.
+    ``6 * matmul parameters a token uses`` (one branch of each layer's linears, the LM head
+    included, embeddings excluded) plus causal attention ``6 * layers * heads * head_dim *
+    seq_length`` (QK^T and AV, forward x3 for backward, halved for causality). The patch
+    embedding runs once per 32x32 block, not per token, and is left out.
     """
-    h, d = cfg.hidden_size, cfg.kv_channels
-    nq, nkv = cfg.num_attention_heads, cfg.num_query_groups
-    per_layer = h * (nq + 2 * nkv) * d + nq * d * h
-    per_layer += h * cfg.ffn_hidden_size * (3 if cfg.gated_linear_unit else 2)
-    matmul = cfg.num_layers * per_layer + cfg.vocab_size * h
-    attention = 6 * cfg.num_layers * nq * d * seq_length
+    fields = model_fields(cfg)
+    linears = sum(math.prod(s) for name, s in layer_weight_shapes(fields).items()
+                  if len(s) == 2 and ".vision_" not in f".{name}")
+    matmul = cfg.num_layers * linears + cfg.vocab_size * cfg.hidden_size
+    attention = 6 * cfg.num_layers * cfg.num_attention_heads * cfg.kv_channels * seq_length
     return 6.0 * matmul + attention

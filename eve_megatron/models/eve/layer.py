@@ -24,6 +24,7 @@ from eve_megatron.models.eve.routing import (
     from_order,
     to_order,
 )
+from eve_megatron.models.eve.weights import has_vision_twin
 
 
 @dataclass
@@ -57,8 +58,8 @@ class EVETransformerLayer(MegatronModule, BaseTransformerLayer):
         self.layer_number = layer_number + get_transformer_layer_offset(
             config, vp_stage, get_pg_rank(pg_collection.pp))
         self.hidden_dropout = config.hidden_dropout if hidden_dropout is None else hidden_dropout
-        split_all = config.decoupling == "all"
-        split_mlp = config.decoupling in ("mlp", "all")
+        def twin(part: str) -> bool:
+            return has_vision_twin(config.decoupling, part)
 
         def norm(spec):
             return build_module(spec, config=config, hidden_size=config.hidden_size,
@@ -69,15 +70,16 @@ class EVETransformerLayer(MegatronModule, BaseTransformerLayer):
                                 ffn_hidden_size=config.ffn_hidden_size, tp_group=self.tp_group)
 
         self.input_layernorm = norm(submodules.input_layernorm)
-        self.vision_input_layernorm = norm(submodules.input_layernorm) if split_all else None
+        self.vision_input_layernorm = (
+            norm(submodules.input_layernorm) if twin("input_layernorm") else None)
         self.self_attention = build_module(
             submodules.self_attention, config=config, layer_number=self.layer_number,
-            routed=split_all, tp_group=self.tp_group)
+            routed=twin("self_attention"), tp_group=self.tp_group)
         self.pre_mlp_layernorm = norm(submodules.pre_mlp_layernorm)
         self.vision_pre_mlp_layernorm = (
-            norm(submodules.pre_mlp_layernorm) if split_all else None)
+            norm(submodules.pre_mlp_layernorm) if twin("pre_mlp_layernorm") else None)
         self.mlp = mlp()
-        self.vision_mlp = mlp() if split_mlp else None
+        self.vision_mlp = mlp() if twin("mlp") else None
 
     def forward(self, hidden_states: Tensor, attention_mask=None, context=None,
                 context_mask=None, rotary_pos_emb=None, packed_seq_params=None, **kwargs):

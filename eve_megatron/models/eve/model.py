@@ -22,6 +22,7 @@ from eve_megatron.models.eve.routing import (
     permute_rows,
 )
 from eve_megatron.models.eve.specs import get_eve_block_spec
+from eve_megatron.models.eve.weights import VISION_TWINS
 
 IGNORE_INDEX = -100
 
@@ -90,7 +91,7 @@ class EVEModel(LanguageModule):
             sequence_parallel_rank=get_pg_rank(self.tp_group) if sp else 0,
             sequence_parallel_size=get_pg_size(self.tp_group) if sp else 1,
             branch_pad_multiple=self.branch_pad_multiple,
-            routed=self.config.decoupling != "none")
+            routed=bool(VISION_TWINS[self.config.decoupling]))
         if int(position_ids.max()) >= self.config.max_sequence_length:
             raise ValueError(f"position id {int(position_ids.max())} >= max_sequence_length "
                              f"{self.config.max_sequence_length}")

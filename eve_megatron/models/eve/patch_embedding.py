@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eve_megatron.hf.eve_image_rules import image_token_count
+
 
 class PatchEmbedding(torch.nn.Module):
     """Turns images into ``N = 1 + h'(w' + 1)`` tokens each, for any number of images.
@@ -33,6 +35,9 @@ class PatchEmbedding(torch.nn.Module):
         """``[P, 3*B*B]`` blocks + ``[n_img, 2]`` grids -> ``[sum N_i, hidden]`` image tokens."""
         p, d = self.patch_stride, self.dense_stride
         n_blocks = pixel_values.shape[0]
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != 3 * (p * d) ** 2:
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)} must be [P, 3*B*B] with "
+                             f"the model's block B = patch_stride*dense_stride = {p * d}")
         x = pixel_values.to(self.conv1.weight.dtype).view(n_blocks, 3, d, p, d, p)
         x = x.permute(0, 2, 4, 1, 3, 5).reshape(n_blocks * d * d, 3 * p * p)
         x = F.gelu(F.linear(x, self.conv1.weight.flatten(1), self.conv1.bias))  # [P*d*d, C]
@@ -43,9 +48,8 @@ class PatchEmbedding(torch.nn.Module):
 
 
 def image_token_counts(image_grid_hw: Tensor) -> Tensor:
-    """Tokens per image: ``1 + h' * (w' + 1)``."""
-    h, w = image_grid_hw[:, 0], image_grid_hw[:, 1]
-    return 1 + h * (w + 1)
+    """Tokens per image (``eve_image_rules.image_token_count`` of each ``(h', w')`` row)."""
+    return image_token_count(image_grid_hw[:, 0], image_grid_hw[:, 1])
 
 
 def image_token_index(image_grid_hw: Tensor, n_blocks: int) -> Tensor:
