@@ -4,9 +4,9 @@
 #   bash examples/quickstart.sh            # writes ./quickstart_out/, prints heldout_accuracy=...
 #
 # Steps: synthetic images + captions + Q/A and a BPE tokenizer (make_data.py) -> indexed
-# datasets (tools/preprocess) -> stage 0 (patch embedding) -> copy step (vision copies =
-# text weights) -> stage 1 (patch embedding + vision copies) -> stage 2 (everything) ->
-# greedy answers to held-out questions. Each stage runs under torchrun with 2 ranks.
+# datasets (eve_megatron.tools.preprocess_data) -> stage 0 (patch embedding) -> copy step
+# (vision copies = text weights) -> stage 1 (patch embedding + vision copies) -> stage 2
+# (everything) -> greedy answers to held-out questions. Each stage runs under torchrun with 2 ranks.
 # Environment: QUICKSTART_DIR (output folder), QUICKSTART_PARALLEL (layout flags, default
 # "--tensor-model-parallel-size 2"), QUICKSTART_NPROC (default 2).
 set -euo pipefail
@@ -27,7 +27,7 @@ step "1/7 synthetic data and tokenizer"
 python "$QS/make_data.py" --out "$OUT/raw" ${QUICKSTART_DATA_ARGS:-}
 
 step "2/7 preprocessing"
-PRE=(python tools/preprocess/preprocess_data.py --image-root "$OUT/raw" --tokenizer "$OUT/raw/tokenizer"
+PRE=(python -m eve_megatron.tools.preprocess_data --image-root "$OUT/raw" --tokenizer "$OUT/raw/tokenizer"
      --max-image-size 800 --seq-length 256 --workers 2 --no-progress
      --system-prompt "Answer.")
 "${PRE[@]}" --input "$OUT/raw/captions.jsonl" --template plain --output-prefix "$OUT/data/captions"
@@ -41,7 +41,8 @@ step "3/7 stage 0: patch embedding only"
 "${TRAIN[@]}" --config "$QS/stage0.yaml" --data-path "$OUT/data/captions" --save "$OUT/ckpt/stage0"
 
 step "4/7 copy step: vision copies = text weights"
-python tools/checkpoint/copy_vision_branch.py --load "$OUT/ckpt/stage0" --save "$OUT/ckpt/stage0_copied"
+python -m eve_megatron.tools.copy_vision_branch --load "$OUT/ckpt/stage0" \
+    --save "$OUT/ckpt/stage0_copied"
 
 step "5/7 stage 1: patch embedding + vision copies"
 "${TRAIN[@]}" --config "$QS/stage1.yaml" --data-path "$OUT/data/captions" \

@@ -1,54 +1,14 @@
 #!/usr/bin/env python
-"""Answer a prompt (optionally about an image) with an exported EVE folder; greedy, fp32, CPU.
+"""Kept so this path works from a source checkout; the tool itself is
+``python -m eve_megatron.tools.generate`` (installed: ``eve-generate``),
+same flags, messages and exit codes."""
 
-Example:
-    python tools/generate.py --model hf/eve-7b --image cat.jpg --prompt "What is in the image?"
-
-The image is prepared by the export's own image processor (its max_size and alpha rule;
-the reference's inference resize unless --resize train), the prompt uses the release's qwen2
-template and system prompt, decoding stops at <|im_end|> and special tokens are dropped.
-The answer is the last line of stdout, line breaks escaped as \\n (backslashes as \\\\).
-"""
-
-import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.dirname(os.path.dirname(__file__))))
-
-from eve_megatron.data.templates import TEMPLATES  # noqa: E402
-from eve_megatron.hf.generation import answer, escape_line, load_export  # noqa: E402
-from eve_megatron.hf.eve_image_rules import RESIZE_MODES  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="exported HF folder")
-    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--template", choices=TEMPLATES, default="qwen2")
-    p.add_argument("--resize", choices=RESIZE_MODES, default=None,
-                   help="infer: the release's inference resize (the export's default); "
-                        "train: AnyRatio")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    try:
-        for path in a.image:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"image {path!r} does not exist")
-        model, tokenizer, image_processor = load_export(a.model)
-        text, _ = answer(model, tokenizer, image_processor, a.prompt, a.image, a.max_new_tokens,
-                         a.template, a.resize)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        print(f"generate: error: {exc}", file=sys.stderr)
-        return 2
-    print(escape_line(text), flush=True)
-    return 0
-
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, ROOT)
+from eve_megatron.tools.generate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,10 +19,11 @@ from typing import Iterable, Iterator, List, Optional
 
 from eve_megatron.data.images import ImageConfig, ImageError, prepare_image
 from eve_megatron.data.indexed import IndexedDatasetWriter, StoredImage
+from eve_megatron.data.preflight import (PreflightError, check_preprocess, config_problems,
+                                         existing_dataset)
 from eve_megatron.data.sources import RawError, RawSample, read_inputs
-from eve_megatron.data.templates import (TEMPLATES, TemplateError, normalise_turns,
-                                         render_caption, render_conversation, render_text,
-                                         required_special_tokens, tokenize_segments)
+from eve_megatron.data.templates import (TemplateError, normalise_turns, render_caption,
+                                         render_conversation, render_text, tokenize_segments)
 from eve_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from eve_megatron.outputs import OutputLock
 
@@ -65,22 +66,11 @@ class PreprocessConfig:
     """Replace a dataset that already exists under ``output_prefix``."""
 
     def validate(self) -> None:
-        """Raise ValueError with a clear message for an unusable configuration."""
-        if not self.inputs:
-            raise ValueError("at least one --input is needed")
-        if self.template not in TEMPLATES:
-            raise ValueError(f"--template {self.template!r} is not one of {TEMPLATES}")
-        if self.seq_length < 2:
-            raise ValueError(f"--seq-length must be >= 2, got {self.seq_length}")
-        if self.workers < 0 or self.batch_size < 1:
-            raise ValueError("--workers must be >= 0 and batch_size >= 1")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if not os.path.isdir(self.image_root):
-            raise ValueError(f"--image-root {self.image_root} is not a directory")
-        if not os.path.basename(self.output_prefix) or os.path.isdir(self.output_prefix):
-            raise ValueError(f"--output-prefix {self.output_prefix!r} must name files "
-                             "(PREFIX.bin, PREFIX.idx), not a folder")
+        """Raise :class:`PreflightError` naming every unusable setting (files are checked by
+        :func:`~eve_megatron.data.preflight.check_preprocess`, which ``run_preprocess`` calls)."""
+        problems = config_problems(self)
+        if problems:
+            raise PreflightError(problems)
 
 
 @dataclass
@@ -95,14 +85,6 @@ class Processed:
     truncated: bool = False
     reason: Optional[str] = None
     detail: str = ""
-
-
-def check_tokenizer(tok: Tokenizer, template: str) -> None:
-    """The template's special tokens must each be one token of the vocabulary."""
-    for special in required_special_tokens(template):
-        if tok.token_id(special) is None:
-            raise ValueError(f"tokenizer {tok.path} has no single token for {special!r}, "
-                             f"which the {template!r} template needs")
 
 
 def _read_image(ref, cfg: PreprocessConfig) -> bytes:
@@ -206,25 +188,24 @@ def _metadata(cfg: PreprocessConfig, tok: Tokenizer) -> dict:
 def run_preprocess(cfg: PreprocessConfig) -> dict:
     """Run preprocessing and return the summary dict (also what the CLI prints).
 
-    The dataset appears under its final name only if the run completes and the bad
-    fraction is within ``cfg.max_bad_fraction``; the skip report is always written. One
+    Everything the run needs is checked first (:func:`check_preprocess`): every problem is
+    reported at once, in one :class:`PreflightError`, before any sample is read or any file
+    is created. The dataset appears under its final name only if the run completes and the
+    bad fraction is within ``cfg.max_bad_fraction``; the skip report is always written. One
     writer per prefix (an OS lock); an existing dataset is replaced only with ``overwrite``.
     """
-    cfg.validate()
+    tok = check_preprocess(cfg)
     with OutputLock(cfg.output_prefix, "dataset prefix"):
-        existing = [cfg.output_prefix + s for s in (".bin", ".idx") if os.path.exists(cfg.output_prefix + s)]
-        if existing and not cfg.overwrite:
-            raise ValueError(f"a dataset already exists at {existing[0]}: pass --overwrite to "
-                             "replace it, or choose another --output-prefix")
-        return _run_locked(cfg)
+        exists = existing_dataset(cfg.output_prefix)
+        if exists and not cfg.overwrite:  # written since the check, by a writer now gone
+            raise ValueError(exists)
+        return _run_locked(cfg, tok)
 
 
-def _run_locked(cfg: PreprocessConfig) -> dict:
+def _run_locked(cfg: PreprocessConfig, tok: Tokenizer) -> dict:
     from tqdm import tqdm
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = load_tokenizer(cfg.tokenizer)
-    check_tokenizer(tok, cfg.template)
     start = time.time()
     writer = IndexedDatasetWriter(cfg.output_prefix, _metadata(cfg, tok))
     report_path = cfg.output_prefix + ".skipped.jsonl"

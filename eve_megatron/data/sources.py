@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple, Union
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+INPUT_FORMATS = ((".json", "json"), (".jsonl", "jsonl"), (".tar", "tar"), (".tar.gz", "tar"),
+                 (".tgz", "tar"))
+"""Known input suffixes and the reader each selects (the format follows the extension)."""
+KNOWN_SUFFIXES = ", ".join(s for s, _ in INPUT_FORMATS)
+
+
+def input_format(path: str) -> Optional[str]:
+    """``"json"``, ``"jsonl"`` or ``"tar"`` for a known input suffix, else None."""
+    return next((kind for suffix, kind in INPUT_FORMATS if path.endswith(suffix)), None)
 
 
 @dataclass
@@ -138,15 +147,13 @@ def read_tar(path: str) -> Iterator[Raw]:
 
 
 def read_inputs(paths: List[str]) -> Iterator[Raw]:
-    """All samples of all inputs, in order. The format follows the extension."""
+    """All samples of all inputs, in order. The format follows the extension
+    (:func:`input_format`); ``preflight.check_preprocess`` checks every input up front."""
+    readers = {"json": read_json, "jsonl": read_jsonl, "tar": read_tar}
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input {path} does not exist")
-        if path.endswith(".json"):
-            yield from read_json(path)
-        elif path.endswith(".jsonl"):
-            yield from read_jsonl(path)
-        elif path.endswith((".tar", ".tar.gz", ".tgz")):
-            yield from read_tar(path)
-        else:
-            raise ValueError(f"input {path}: unknown format (use .json, .jsonl or .tar)")
+        kind = input_format(path)
+        if kind is None:
+            raise ValueError(f"input {path}: unknown format (use {KNOWN_SUFFIXES})")
+        yield from readers[kind](path)
