@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from eve_megatron.hf.eve_image_rules import CLIP_MEAN, CLIP_STD
+from eve_megatron.hf.eve_image_rules import CLIP_MEAN, CLIP_STD, DENSE_STRIDE, PATCH_STRIDE
 from eve_megatron.hf.eve_prompt import IMAGE_TOKEN_INDEX
 
 
@@ -147,7 +147,8 @@ def fields_from_hf(cfg: dict, decoupling: Optional[str] = None,
         "share_embeddings_and_output_weights": bool(cfg.get("tie_word_embeddings", False)),
         "decoupling": decoupling or (decoupling_of(cfg) if eve else "none"),
         "vision_hidden_size": cfg.get("mm_hidden_size", vision_hidden_size),
-        "patch_stride": cfg.get("patch_stride", 16), "dense_stride": cfg.get("dense_stride", 2),
+        "patch_stride": cfg.get("patch_stride", PATCH_STRIDE),
+        "dense_stride": cfg.get("dense_stride", DENSE_STRIDE),
         "layernorm_epsilon": cfg.get("rms_norm_eps", 1e-6), "add_qkv_bias": True,
-        "normalization": "RMSNorm", "gated_linear_unit": True,
+        "normalization": "RMSNorm", "gated_linear_unit": True, "family": "evev2",
     }

@@ -13,13 +13,15 @@ from megatron.core.distributed import (
 )
 
 from eve_megatron.models.eve import EVEConfig, EVEModel
+from eve_megatron.models.eve.config import model_class
 
 
 def build_model_chunks(config: EVEConfig) -> List[EVEModel]:
     """One chunk per virtual pipeline stage of this rank (one chunk without interleaving)."""
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vp is None else list(range(vp))
-    chunks = [EVEModel(config, vp_stage=stage) for stage in stages]
+    cls = model_class(config)  # the family's model: EVEModel, EVEv1Model, ...
+    chunks = [cls(config, vp_stage=stage) for stage in stages]
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     if config.bf16:

@@ -38,7 +38,8 @@ def test_weight_table_is_the_model(megatron_world, overrides):
 
 def test_every_config_field_is_recorded_or_declared_runtime():
     inherited = {f.name for f in dataclasses.fields(TransformerConfig)}
-    for name in EVEConfig.__annotations__:
+    own = {f.name for f in dataclasses.fields(EVEConfig)}
+    for name in [n for n in EVEConfig.__annotations__ if n in own]:  # ClassVars are not fields
         f = EVEConfig.__dataclass_fields__[name]
         if "architecture" in f.metadata:  # declared with _arch(...) or _runtime(...)
             assert (name in MODEL_FIELDS) == f.metadata["architecture"], name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import ClassVar, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,11 @@ class EVEConfig(TransformerConfig):
     Qwen2 defaults are set here (RMSNorm, SwiGLU, q/k/v bias only, no dropout); every
     Megatron-Core TransformerConfig field can still be given.
     """
+
+    FAMILY: ClassVar[str] = "evev2"
+    """The model family checkpoints record (``FAMILIES``)."""
+    MODEL: ClassVar[str] = "eve_megatron.models.eve.model:EVEModel"
+    """The model class of the family (``module:name``, see :func:`model_class`)."""
 
     vocab_size: int = _arch(0)
     """Size of the (padded) vocabulary; must divide by the tensor-parallel size."""
@@ -169,25 +175,57 @@ def eve_config(preset: str, **overrides) -> EVEConfig:
     return EVEConfig(**kwargs)
 
 
-MODEL_FIELDS = INHERITED_ARCHITECTURE + tuple(
-    f.name for f in fields(EVEConfig) if f.metadata.get("architecture"))
-"""The fields that define the model's weights and math (what a checkpoint records): the
-inherited ones above plus every field ``EVEConfig`` declares with ``_arch``."""
+def architecture_fields(cls) -> Tuple[str, ...]:
+    """The fields that define a config class's weights and math: the inherited ones above
+    plus every field it (or a parent) declares with ``_arch``."""
+    return INHERITED_ARCHITECTURE + tuple(
+        f.name for f in fields(cls) if f.metadata.get("architecture"))
+
+
+MODEL_FIELDS = architecture_fields(EVEConfig)
+"""What an EVEv2 checkpoint records (a family's config class may add fields)."""
+
+FAMILIES = {"evev2": ("eve_megatron.models.eve.config", "EVEConfig"),
+            "evev1": ("eve_megatron.models.evev1.config", "EVEv1Config")}
+"""Model family (recorded as ``family``) -> its config class (module, name)."""
+
+
+def family_config_class(family: str):
+    """The config class of a model family (imported on demand)."""
+    import importlib
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+    module, name = FAMILIES[family]
+    return getattr(importlib.import_module(module), name)
+
+
+def model_class(cfg: EVEConfig):
+    """The model class for ``cfg``'s family (``EVEModel``, ``EVEv1Model``, ...)."""
+    import importlib
+
+    module, name = type(cfg).MODEL.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def model_fields(cfg: EVEConfig) -> dict:
-    """The architecture of ``cfg`` as plain JSON-able values."""
-    return {name: getattr(cfg, name) for name in MODEL_FIELDS}
+    """The architecture of ``cfg`` as plain JSON-able values, with its ``family``."""
+    out = {name: getattr(cfg, name) for name in architecture_fields(type(cfg))}
+    out["family"] = type(cfg).FAMILY
+    return out
 
 
 def config_from_fields(fields: dict, **overrides) -> EVEConfig:
-    """An :class:`EVEConfig` with a recorded architecture plus runtime overrides
-    (parallel layout, dtype, backend). Unknown recorded fields are an error."""
-    unknown = set(fields) - set(MODEL_FIELDS)
+    """A config of the recorded family (EVEv2 when none is recorded) with a recorded
+    architecture plus runtime overrides (parallel layout, dtype, backend). Unknown
+    recorded fields are an error."""
+    fields = dict(fields)
+    cls = family_config_class(fields.pop("family", "evev2"))
+    unknown = set(fields) - set(architecture_fields(cls))
     if unknown:
         raise ValueError(f"unknown model fields {sorted(unknown)}")
     kwargs = dict(fields)
     if not torch.cuda.is_available():
         kwargs.setdefault("use_cpu_initialization", True)
     kwargs.update(overrides)
-    return EVEConfig(**kwargs)
+    return cls(**kwargs)

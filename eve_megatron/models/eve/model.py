@@ -15,6 +15,7 @@ from torch import Tensor
 from eve_megatron.models.eve.config import EVEConfig
 from eve_megatron.models.eve.embedding import EVEEmbedding
 from eve_megatron.models.eve.flex_attention import document_block_mask
+from eve_megatron.models.eve.patch_embedding import PatchEmbedding
 from eve_megatron.models.eve.rope import rotary_cos_sin
 from eve_megatron.models.eve.routing import (
     EVEPackedSeqParams,
@@ -58,7 +59,8 @@ class EVEModel(LanguageModule):
         self.attention_backend = config.attention_impl
 
         if pre_process:
-            self.embedding = EVEEmbedding(config, tp_group=self.tp_group)
+            self.embedding = EVEEmbedding(config, tp_group=self.tp_group,
+                                          patch_embedding=self.build_patch_embedding(config))
         self.decoder = TransformerBlock(
             config=config,
             spec=get_eve_block_spec(config, vp_stage, get_pg_rank(self.pg_collection.pp)),
@@ -73,6 +75,11 @@ class EVEModel(LanguageModule):
                 tp_group=self.tp_group)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
+
+    def build_patch_embedding(self, config) -> torch.nn.Module:
+        """The image tokenizer of this family (EVEv2: :class:`PatchEmbedding`); a family's
+        model subclass overrides it."""
+        return PatchEmbedding(config)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's activations in here."""

@@ -77,7 +77,10 @@ def patch_embedding_shapes(fields: dict) -> Dict[str, Shape]:
 
 
 def weight_shapes(fields: dict) -> Dict[str, Shape]:
-    """Every full Megatron weight of the architecture, in HF-friendly order."""
+    """Every full Megatron weight of an EVEv2-family architecture, in HF-friendly order."""
+    if fields.get("family", "evev2") != "evev2":
+        raise ValueError(f"weight table of the {fields['family']!r} family is not written yet "
+                         "(only EVEv2 checkpoints convert to Hugging Face today)")
     h = fields["hidden_size"]
     out: Dict[str, Shape] = {"embedding.word_embeddings.weight": (fields["vocab_size"], h)}
     per_layer = layer_weight_shapes(fields)
