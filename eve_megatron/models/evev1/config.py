@@ -34,6 +34,15 @@ class EVEv1Config(EVEConfig):
     """Heads of the PEL's local and global attention (the softmax scale is C^-0.5 anyway)."""
     teacher_hidden_size: int = _arch(1024)
     """Width C_t of the teacher's patch features (CLIP ViT-L/14-336: 1024)."""
+    teacher_num_layers: int = _arch(24)
+    """Encoder layers of the teacher; its features are those of layer ``n - 1``
+    (``hidden_states[-2]``), so only ``n - 1`` layers are built."""
+    teacher_num_attention_heads: int = _arch(16)
+    teacher_ffn_hidden_size: int = _arch(4096)
+    teacher_image_size: int = _arch(336)
+    """Side of the teacher's (padded, square) input image."""
+    teacher_patch_size: int = _arch(14)
+    teacher_layernorm_epsilon: float = _arch(1e-5)
     pal_layer_stride: int = _arch(4)
     """The PAL taps hidden states ``L, L - k, ..., 0`` for this ``k`` (4 of 32 layers: 9 taps;
     hs[0] = the embedding output, hs[L] = the final norm's output)."""
@@ -65,6 +74,10 @@ class EVEv1Config(EVEConfig):
             (self.teacher_hidden_size % self.pal_num_attention_heads == 0,
              f"teacher_hidden_size {self.teacher_hidden_size} must divide by "
              f"pal_num_attention_heads {self.pal_num_attention_heads}"),
+            (self.teacher_num_layers >= 2 and self.teacher_image_size % self.teacher_patch_size == 0
+             and self.teacher_hidden_size % self.teacher_num_attention_heads == 0,
+             "the teacher needs >= 2 layers, image size a multiple of its patch, heads dividing "
+             "its width"),
             (1 <= self.pal_layer_stride <= self.num_layers,
              f"pal_layer_stride must be in [1, num_layers], got {self.pal_layer_stride}"),
         ]
@@ -77,6 +90,8 @@ PRESETS = {
     "evev1-tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=4,
                        ffn_hidden_size=128, vocab_size=512, vision_hidden_size=32,
                        pel_num_attention_heads=8, teacher_hidden_size=32, pal_layer_stride=1,
+                       teacher_num_layers=3, teacher_num_attention_heads=4,
+                       teacher_ffn_hidden_size=64, teacher_image_size=56,
                        max_sequence_length=4096),
     "evev1-7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32,
                      num_query_groups=32, ffn_hidden_size=11008, vocab_size=32000,

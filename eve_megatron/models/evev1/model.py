@@ -2,8 +2,10 @@
 attention, checkpoints) with EVEv1's patch embedding layer and projector as its image
 tokenizer, and the patch aligning layer (PAL) on the last stage.
 
-With ``teacher_features``/``teacher_valid`` (the frozen teacher's patch features of each
-image) and ``labels``, ``forward`` returns ``(per-token loss [b, s], PAL sum, images)``:
+With ``teacher_pixel_values`` (the batch's teacher images; the frozen :class:`CLIPTeacher`
+on the last stage turns them into patch features) or ready ``teacher_features``, plus
+``teacher_valid`` and ``labels``, ``forward`` returns ``(per-token loss [b, s], PAL sum,
+images)``:
 the trainer reduces the PAL per image and the token loss per token, separately. The taps
 are read with forward hooks on the decoder layers, the embedding and the final norm;
 under sequence parallelism they are gathered (backward: each rank keeps its chunk).
@@ -21,6 +23,7 @@ from eve_megatron.models.eve.model import EVEModel
 from eve_megatron.models.evev1.config import EVEv1Config
 from eve_megatron.models.evev1.pal import PatchAligningLayer, pal_loss
 from eve_megatron.models.evev1.patch_embedding import EVEv1PatchEmbedding
+from eve_megatron.models.evev1.teacher import CLIPTeacher
 
 
 class EVEv1Model(EVEModel):
@@ -32,15 +35,19 @@ class EVEv1Model(EVEModel):
         super().__init__(config, **kwargs)
         if self.post_process:
             self.pal = PatchAligningLayer(config)
+            self.teacher = CLIPTeacher(config)
 
     def build_patch_embedding(self, config) -> torch.nn.Module:
         """EVEv1's PEL + ``mlp2x_gelu`` projector (replicated over TP)."""
         return EVEv1PatchEmbedding(config)
 
     def forward(self, tokens: Tensor, position_ids: Tensor, is_vision: Tensor,
+                teacher_pixel_values: Optional[Tensor] = None,
                 teacher_features: Optional[Tensor] = None, teacher_valid: Optional[Tensor] = None,
                 **kwargs):
-        """EVEModel's forward; with teacher features and labels also the PAL (see module)."""
+        """EVEModel's forward; with teacher inputs and labels also the PAL (see module)."""
+        if teacher_features is None and teacher_pixel_values is not None and self.post_process:
+            teacher_features = self.teacher(teacher_pixel_values)
         if teacher_features is None or kwargs.get("labels") is None:
             return super().forward(tokens, position_ids, is_vision, **kwargs)
         if not (self.pre_process and self.post_process):
