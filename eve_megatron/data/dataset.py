@@ -15,7 +15,8 @@ import torch
 
 from eve_megatron.data.indexed import CorruptSampleError, IndexedDataset, StoredSample
 from eve_megatron.data.packing import PackIndex, build_blend_index, build_pack_index, parse_data_path
-from eve_megatron.data.pixels import decode_blocks_u8
+from eve_megatron.data.pixels import BLOCK, decode_blocks_u8, decode_teacher_u8
+from eve_megatron.hf.evev1_image_rules import BASE_SIZE, TEACHER_GRID
 
 
 @dataclass
@@ -101,9 +102,21 @@ def sample_arrays(s: StoredSample) -> Dict[str, np.ndarray]:
     return {"tokens": tokens, "sup": sup, "vis": vis}
 
 
-def build_row(samples: Sequence[StoredSample], seq_length: int) -> Dict[str, torch.Tensor]:
+def _teacher_fields(images) -> Dict[str, torch.Tensor]:
+    """EVEv1: each image's teacher canvas (uint8 ``[n, 3, 336, 336]``) and valid patches."""
+    pairs = [decode_teacher_u8(im.teacher, im.teacher_w, im.teacher_h) for im in images]
+    if not pairs:
+        return {"teacher_u8": torch.zeros(0, 3, BASE_SIZE, BASE_SIZE, dtype=torch.uint8),
+                "teacher_valid": torch.zeros(0, TEACHER_GRID ** 2, dtype=torch.bool)}
+    return {"teacher_u8": torch.stack([c for c, _ in pairs]),
+            "teacher_valid": torch.stack([v for _, v in pairs])}
+
+
+def build_row(samples: Sequence[StoredSample], seq_length: int, block: int = BLOCK,
+              teacher: bool = False) -> Dict[str, torch.Tensor]:
     """One packed row: contract fields for ``[s]``, ``seg_lens`` (int32) of the row, and
-    ``pixel_blocks`` (uint8 ``[P, 3, 32, 32]``, normalised by the collate function)."""
+    ``pixel_blocks`` (uint8 ``[P, 3, block, block]``, normalised by the collate function);
+    with ``teacher`` (EVEv1) also ``teacher_u8`` and ``teacher_valid`` of each image."""
     parts = [sample_arrays(s) for s in samples]
     used = sum(len(p["tokens"]) for p in parts)
     if used > seq_length:
@@ -126,17 +139,37 @@ def build_row(samples: Sequence[StoredSample], seq_length: int) -> Dict[str, tor
         pos[at:] = np.arange(seq_length - at)
         seg_lens.append(seq_length - at)
     images = [im for s in samples for im in s.images]
-    pixels = [decode_blocks_u8(im.data, im.hp, im.wp) for im in images]
+    pixels = [decode_blocks_u8(im.data, im.hp, im.wp, block) for im in images]
     labels_t = torch.from_numpy(labels)
-    return {
+    row = {
         "tokens": torch.from_numpy(tokens), "labels": labels_t,
         "loss_mask": (labels_t != -100).float(), "position_ids": torch.from_numpy(pos),
         "is_vision": torch.from_numpy(vis),
-        "pixel_blocks": torch.cat(pixels) if pixels else torch.zeros(0, 3, 32, 32, dtype=torch.uint8),
+        "pixel_blocks": (torch.cat(pixels) if pixels
+                         else torch.zeros(0, 3, block, block, dtype=torch.uint8)),
         "image_grid_hw": torch.tensor([[im.hp, im.wp] for im in images],
                                       dtype=torch.int64).view(-1, 2),
         "seg_lens": torch.tensor(seg_lens, dtype=torch.int32),
     }
+    if teacher:
+        row.update(_teacher_fields(images))
+    return row
+
+
+def blend_images(datasets: Sequence[IndexedDataset]):
+    """``(block, teacher)`` of a blend: the one block side of the datasets that hold images
+    (from their metadata), and whether their images carry EVEv1 teacher images (all or none)."""
+    with_images = [ds for ds in datasets if len(ds.field("image_h"))] or list(datasets[:1])
+    blocks = {ds.block for ds in with_images}
+    if len(blocks) > 1:
+        raise ValueError("datasets of one run must share one image block side: " + ", ".join(
+            f"{ds.prefix} {ds.block}px" for ds in with_images))
+    teacher = {ds.has_teacher for ds in with_images}
+    if len(teacher) > 1:
+        raise ValueError("EVEv1 data needs every image's teacher image, but " + ", ".join(
+            ds.prefix for ds in with_images if not ds.has_teacher) + " has none (preprocess "
+            "it with --model-family evev1)")
+    return blocks.pop(), teacher.pop() or any(ds.has_teacher for ds in datasets)
 
 
 class EVEPackedDataset(torch.utils.data.Dataset):
@@ -145,6 +178,9 @@ class EVEPackedDataset(torch.utils.data.Dataset):
     def __init__(self, config: PackedDataConfig) -> None:
         self.config = config
         self.datasets = [IndexedDataset(prefix) for _, prefix in config.blend]
+        self.block, self.teacher = blend_images(self.datasets)
+        """Pixels per block side (the datasets' metadata; the trainer checks it against the
+        model's), and whether rows carry EVEv1 teacher images."""
         self.streams = [PackStream(ds, config) for ds in self.datasets]
         self.dataset_index = self.dataset_pack_index = None  # no blending: row g = pack g
         if len(self.streams) == 1:
@@ -179,6 +215,6 @@ class EVEPackedDataset(torch.utils.data.Dataset):
                 if self.config.corrupt_samples == "stop":
                     raise
                 corrupt += 1
-        row = build_row(samples, self.config.seq_length)
+        row = build_row(samples, self.config.seq_length, self.block, self.teacher)
         row["corrupt_samples"] = torch.tensor(corrupt, dtype=torch.int64)
         return row

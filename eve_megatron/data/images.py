@@ -3,7 +3,9 @@
 Every image that enters the dataset goes through :func:`prepare_image` once, offline:
 EXIF orientation is applied, any mode becomes 8-bit RGB, the AnyRatio training resize
 is applied and the result is re-encoded. The loader later only decodes those bytes and
-cuts them into 32x32 blocks (:func:`image_to_blocks`).
+cuts them into 32x32 blocks (:func:`image_to_blocks`). EVEv1 images go through
+:func:`prepare_evev1_image` instead (``hf/evev1_image_rules.py``: 28-pixel blocks, and a
+second, base-size image for the CLIP teacher).
 
 The rules themselves (RGB conversion and its alpha rule, both resize rules, the
 image-token count, CLIP constants) live in :mod:`eve_megatron.hf.eve_image_rules`, which
@@ -21,6 +23,7 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from eve_megatron.hf import evev1_image_rules as evev1
 from eve_megatron.hf.eve_image_rules import (ALPHA_RULES, BLOCK, CLIP_MEAN, CLIP_STD,  # noqa: F401
                                              anyratio_size, image_token_count, resize, to_rgb)
 
@@ -108,6 +111,21 @@ def prepare_image(data: bytes, config: ImageConfig) -> Tuple[bytes, int, int]:
     """Full offline path: decode, upright, RGB, resize, encode. Returns ``(bytes, h', w')``."""
     img = resize_anyratio(load_image(data, config.max_pixels, config.alpha), config.max_size)
     return encode_image(img, config), img.height // BLOCK, img.width // BLOCK
+
+
+def prepare_evev1_image(data: bytes, config: ImageConfig, ratio: int) -> Tuple[bytes, int, int,
+                                                                            bytes, int, int]:
+    """EVEv1's offline path (``hf/evev1_image_rules.py``): decode, upright, RGB, then two
+    bicubic resizes of that same image (as the official code resizes the original twice):
+    the student image (base size x ``ratio``) and the teacher's base-size image. Returns
+    ``(student bytes, h', w', teacher bytes, teacher W, teacher H)``; ``h', w'`` in 28-pixel
+    blocks, the teacher size in pixels (long side 336)."""
+    img = load_image(data, config.max_pixels, config.alpha)
+    student = img.resize(evev1.evev1_size(img.width, img.height, ratio), Image.BICUBIC)
+    teacher = img.resize(evev1.base_size(img.width, img.height), Image.BICUBIC)
+    return (encode_image(student, config), student.height // evev1.BLOCK,
+            student.width // evev1.BLOCK, encode_image(teacher, config), teacher.width,
+            teacher.height)
 
 
 def decode_rgb(data: bytes) -> np.ndarray:

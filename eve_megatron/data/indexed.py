@@ -3,15 +3,21 @@
 ``.bin`` holds one record per sample: its text tokens (int32), its loss mask (uint8),
 then the encoded bytes of each of its images, padded to 8 bytes. ``.idx`` (little
 endian) is ``MAGIC``, version, sample count, image count, a JSON metadata blob, then
-8-byte-aligned arrays (see ``_SAMPLE_FIELDS`` / ``_IMAGE_FIELDS``), then (version 2) the
-CRC-32 of everything before it. Per-sample lengths and image sizes live in ``.idx`` so
-that packing never opens ``.bin``.
+8-byte-aligned arrays (see ``_SAMPLE_FIELDS`` / ``_IMAGE_FIELDS``, and ``_TEACHER_FIELDS`` in
+version 3), then (version >= 2) the CRC-32 of everything before it. Per-sample lengths and
+image sizes live in ``.idx`` so that packing never opens ``.bin``.
 
-Integrity (version 2): ``sample_crc`` is the CRC-32 of a sample's bytes (tokens, mask,
+Integrity (version >= 2): ``sample_crc`` is the CRC-32 of a sample's bytes (tokens, mask,
 then each image's encoded bytes, padding excluded), checked on every read: a damaged or
 truncated sample raises :class:`CorruptSampleError` naming the file and the sample
 index. A damaged ``.idx`` fails its own CRC when opened. Version 1 files (no checksums)
 are still read, unverified.
+
+Version 3 (EVEv1 datasets, written with ``teacher=True``) is version 2 plus, per image, the
+teacher's base-size image (encoded bytes stored right after the image's own bytes, its
+width and height in pixels); the sample CRC covers them too (per image: its bytes, then its
+teacher's). Datasets without teacher images are still written as version 2, byte for byte
+as before.
 
 Both files are written under ``*.tmp`` names and renamed by :meth:`IndexedDatasetWriter.finalize`.
 """
@@ -25,7 +31,7 @@ import warnings
 import zlib
 from array import array
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -34,13 +40,18 @@ from eve_megatron.outputs import fsync_dir
 
 MAGIC = b"EVEMMIDX"
 VERSION = 2
-READABLE_VERSIONS = (1, 2)
+"""Version of datasets without teacher images (EVEv2)."""
+TEACHER_VERSION = 3
+"""Version of datasets whose images carry an EVEv1 teacher image."""
+READABLE_VERSIONS = (1, 2, 3)
 # (name, dtype): sample arrays have n rows (image_start n + 1), image arrays m rows
 _SAMPLE_FIELDS = (("record_offset", "<i8"), ("text_len", "<i4"), ("seq_len", "<i4"),
                   ("image_tokens", "<i4"), ("sample_crc", "<u4"))
 _V1_SAMPLE_FIELDS = _SAMPLE_FIELDS[:4]
 _IMAGE_FIELDS = (("image_offset", "<i8"), ("image_nbytes", "<i8"), ("image_h", "<i4"),
                  ("image_w", "<i4"), ("image_pos", "<i4"))
+_TEACHER_FIELDS = (("teacher_offset", "<i8"), ("teacher_nbytes", "<i8"), ("teacher_w", "<i4"),
+                   ("teacher_h", "<i4"))
 
 
 def _pad8(n: int) -> int:
@@ -63,11 +74,17 @@ class StoredImage:
 
     data: bytes
     hp: int
-    """Height in 32-pixel blocks (h')."""
+    """Height in blocks of the dataset's block side (h'; 32 px for EVEv2, 28 for EVEv1)."""
     wp: int
-    """Width in 32-pixel blocks (w')."""
+    """Width in blocks (w')."""
     pos: int
     """Index of the text token the image span is spliced before (== text_len: at the end)."""
+    teacher: Optional[bytes] = None
+    """EVEv1: encoded base-size image the CLIP teacher sees (version 3 datasets), else None."""
+    teacher_w: int = 0
+    """Its width in pixels (long side 336)."""
+    teacher_h: int = 0
+    """Its height in pixels."""
 
     @property
     def num_tokens(self) -> int:
@@ -89,13 +106,16 @@ class StoredSample:
 class IndexedDatasetWriter:
     """Append samples, then :meth:`finalize` (atomic rename) or :meth:`abort`."""
 
-    def __init__(self, prefix: str, metadata: dict) -> None:
+    def __init__(self, prefix: str, metadata: dict, teacher: bool = False) -> None:
         self.prefix = prefix
         self.metadata = dict(metadata)
+        self.teacher = teacher
+        """Every image carries a teacher image (written as version 3)."""
+        self._image_fields = _IMAGE_FIELDS + (_TEACHER_FIELDS if teacher else ())
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self._bin = open(prefix + ".bin.tmp", "wb")
         self._pos = 0
-        self._cols = {name: array("q") for name, _ in _SAMPLE_FIELDS + _IMAGE_FIELDS}
+        self._cols = {name: array("q") for name, _ in _SAMPLE_FIELDS + self._image_fields}
         self._image_start = array("q", [0])
 
     def __len__(self) -> int:
@@ -120,6 +140,9 @@ class IndexedDatasetWriter:
         if any(not 0 <= im.pos <= len(tok) for im in images) or \
                 any(a.pos > b.pos for a, b in zip(images, images[1:])):
             raise ValueError("image positions must be sorted and within [0, text_len]")
+        if any((im.teacher is not None) != self.teacher for im in images):
+            raise ValueError(f"every image must {'' if self.teacher else 'not '}carry a teacher "
+                             f"image in this dataset (teacher={self.teacher})")
         c = self._cols
         record = tok.tobytes() + msk.tobytes()
         crc = zlib.crc32(record)
@@ -135,6 +158,12 @@ class IndexedDatasetWriter:
             c["image_h"].append(im.hp)
             c["image_w"].append(im.wp)
             c["image_pos"].append(im.pos)
+            if self.teacher:
+                crc = zlib.crc32(im.teacher, crc)
+                c["teacher_offset"].append(self._write(im.teacher))
+                c["teacher_nbytes"].append(len(im.teacher))
+                c["teacher_w"].append(im.teacher_w)
+                c["teacher_h"].append(im.teacher_h)
         self._image_start.append(self._image_start[-1] + len(images))
         c["sample_crc"].append(crc)
 
@@ -145,13 +174,14 @@ class IndexedDatasetWriter:
         self._bin.close()
         n, m = len(self), len(self._cols["image_h"])
         meta = json.dumps(self.metadata, sort_keys=True).encode()
-        parts = [MAGIC + struct.pack("<QQQQ", VERSION, n, m, len(meta)) + meta,
+        version = TEACHER_VERSION if self.teacher else VERSION
+        parts = [MAGIC + struct.pack("<QQQQ", version, n, m, len(meta)) + meta,
                  b"\0" * _pad8(len(MAGIC) + 32 + len(meta))]
         for name, dtype in _SAMPLE_FIELDS:
             parts += [np.asarray(self._cols[name], dtype=dtype).tobytes(),
                       b"\0" * _pad8(n * np.dtype(dtype).itemsize)]
         parts.append(np.asarray(self._image_start, dtype="<i8").tobytes())
-        for name, dtype in _IMAGE_FIELDS:
+        for name, dtype in self._image_fields:
             parts += [np.asarray(self._cols[name], dtype=dtype).tobytes(),
                       b"\0" * _pad8(m * np.dtype(dtype).itemsize)]
         crc = 0
@@ -197,7 +227,7 @@ def _read_index(path: str) -> Tuple[dict, dict]:
     arrays = {}
     fields = _SAMPLE_FIELDS if version >= 2 else _V1_SAMPLE_FIELDS
     layout = [(name, dt, n) for name, dt in fields] + [("image_start", "<i8", n + 1)] \
-        + [(name, dt, m) for name, dt in _IMAGE_FIELDS]
+        + [(name, dt, m) for name, dt in _IMAGE_FIELDS + (_TEACHER_FIELDS if version >= 3 else ())]
     for name, dtype, count in layout:
         nbytes = count * np.dtype(dtype).itemsize
         if at + nbytes > len(raw):
@@ -243,6 +273,17 @@ class IndexedDataset:
         """Whether the files carry per-sample checksums (format version >= 2)."""
         return "sample_crc" in self._a
 
+    @property
+    def has_teacher(self) -> bool:
+        """Whether every image carries an EVEv1 teacher image (format version 3)."""
+        return "teacher_offset" in self._a
+
+    @property
+    def block(self) -> int:
+        """Pixels per side of an image block (``image.block`` of the metadata; 32 when absent:
+        datasets written before EVEv1 are EVEv2's)."""
+        return int((self.metadata.get("image") or {}).get("block", 32))
+
     def get(self, i: int) -> StoredSample:
         """Read sample ``i``; :class:`CorruptSampleError` when its bytes fail the checksum or
         its record lies outside ``.bin``."""
@@ -252,8 +293,12 @@ class IndexedDataset:
             self._bin = np.memmap(self.prefix + ".bin", dtype=np.uint8, mode="r")
         a, mm = self._a, self._bin
         off, n = int(a["record_offset"][i]), int(a["text_len"][i])
-        spans = [(off, 5 * n)] + [(int(a["image_offset"][j]), int(a["image_nbytes"][j]))
-                                  for j in range(int(a["image_start"][i]), int(a["image_start"][i + 1]))]
+        js = range(int(a["image_start"][i]), int(a["image_start"][i + 1]))
+        spans = [(off, 5 * n)]
+        for j in js:  # the CRC order: each image's bytes, then its teacher's
+            spans.append((int(a["image_offset"][j]), int(a["image_nbytes"][j])))
+            if self.has_teacher:
+                spans.append((int(a["teacher_offset"][j]), int(a["teacher_nbytes"][j])))
         if any(o < 0 or nb < 0 or o + nb > len(mm) for o, nb in spans):
             raise _damaged(self.prefix + ".bin", i, "its record lies past the end of the file: "
                            "truncated .bin or damaged .idx")
@@ -268,6 +313,13 @@ class IndexedDataset:
                                f"{int(a['sample_crc'][i]):08x}")
         tokens = np.frombuffer(record, dtype="<i4", count=n).astype(np.int64)
         mask = np.frombuffer(record, dtype=np.uint8, offset=4 * n).copy()
-        images = [StoredImage(data, int(a["image_h"][j]), int(a["image_w"][j]), int(a["image_pos"][j]))
-                  for j, data in zip(range(int(a["image_start"][i]), int(a["image_start"][i + 1])), datas)]
+        step = 2 if self.has_teacher else 1
+        images = []
+        for k, j in enumerate(js):
+            im = StoredImage(datas[step * k], int(a["image_h"][j]), int(a["image_w"][j]),
+                             int(a["image_pos"][j]))
+            if self.has_teacher:
+                im.teacher = datas[step * k + 1]
+                im.teacher_w, im.teacher_h = int(a["teacher_w"][j]), int(a["teacher_h"][j])
+            images.append(im)
         return StoredSample(tokens=tokens, loss_mask=mask, images=images)

@@ -9,25 +9,27 @@ no row is repeated or skipped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Sequence
 
 import torch
 
 from eve_megatron.data.dataset import EVEPackedDataset
-from eve_megatron.data.pixels import BLOCK_DIM, normalize_blocks
+from eve_megatron.data.pixels import normalize_blocks
 
 
 def _pixel_values(blocks: List[torch.Tensor]) -> torch.Tensor:
-    """Normalise all rows' uint8 blocks into one float32 ``[P, 3072]`` tensor. Inside a
-    DataLoader worker the tensor is allocated in shared memory, as torch's default
-    collate does, so handing it to the main process copies nothing."""
+    """Normalise all rows' uint8 ``[n, 3, a, b]`` blocks into one float32 ``[P, 3*a*b]``
+    tensor. Inside a DataLoader worker the tensor is allocated in shared memory, as torch's
+    default collate does, so handing it to the main process copies nothing."""
     n = sum(b.shape[0] for b in blocks)
+    dim = math.prod(blocks[0].shape[1:])
     if torch.utils.data.get_worker_info() is not None and n:
-        storage = torch.UntypedStorage._new_shared(n * BLOCK_DIM * 4)
-        out = torch.tensor([], dtype=torch.float32).set_(storage).view(n, BLOCK_DIM)
+        storage = torch.UntypedStorage._new_shared(n * dim * 4)
+        out = torch.tensor([], dtype=torch.float32).set_(storage).view(n, dim)
     else:
-        out = torch.empty(n, BLOCK_DIM, dtype=torch.float32)
+        out = torch.empty(n, dim, dtype=torch.float32)
     at = 0
     for b in blocks:
         normalize_blocks(b, out[at:at + b.shape[0]])
@@ -36,7 +38,9 @@ def _pixel_values(blocks: List[torch.Tensor]) -> torch.Tensor:
 
 
 def collate_rows(rows: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, object]:
-    """Stack rows into the batch contract of docs/design.md."""
+    """Stack rows into the batch contract of docs/design.md (EVEv1 rows add
+    ``teacher_pixel_values`` float32 ``[n_img, 3, 336, 336]`` and ``teacher_valid`` bool
+    ``[n_img, 576]``; EVEv2 batches have neither key)."""
     if not rows:
         raise ValueError("cannot collate an empty batch")
     batch: Dict[str, object] = {k: torch.stack([r[k] for r in rows])
@@ -49,6 +53,10 @@ def collate_rows(rows: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, object]:
     batch["pixel_values"] = _pixel_values([r["pixel_blocks"] for r in rows])
     batch["image_grid_hw"] = torch.cat([r["image_grid_hw"] for r in rows])
     batch["corrupt_samples"] = sum(int(r.get("corrupt_samples", 0)) for r in rows)
+    if "teacher_u8" in rows[0]:  # EVEv1: the CLIP teacher's images, in image_grid_hw's order
+        teacher = _pixel_values([r["teacher_u8"] for r in rows])
+        batch["teacher_pixel_values"] = teacher.view(-1, *rows[0]["teacher_u8"].shape[1:])
+        batch["teacher_valid"] = torch.cat([r["teacher_valid"] for r in rows])
     return batch
 
 

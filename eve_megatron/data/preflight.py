@@ -16,8 +16,10 @@ import tarfile
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from eve_megatron.data.sources import KNOWN_SUFFIXES, input_format
-from eve_megatron.data.templates import TEMPLATES, required_special_tokens
+from eve_megatron.data.templates import (FAMILIES, TEMPLATE_SPECS, TEMPLATES, family_templates,
+                                         required_special_tokens)
 from eve_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from eve_megatron.hf.evev1_image_rules import RATIOS
 
 if TYPE_CHECKING:  # pragma: no cover
     from eve_megatron.data.preprocess import PreprocessConfig
@@ -51,6 +53,15 @@ def config_problems(cfg: "PreprocessConfig") -> List[str]:
         out.append("at least one --input is needed")
     if cfg.template not in TEMPLATES:
         out.append(f"--template {cfg.template!r} is not one of {TEMPLATES}")
+    if cfg.model_family not in FAMILIES:
+        out.append(f"--model-family {cfg.model_family!r} is not one of {FAMILIES}")
+    elif cfg.template in TEMPLATES and TEMPLATE_SPECS[cfg.template].family != cfg.model_family:
+        out.append(f"--template {cfg.template} is {TEMPLATE_SPECS[cfg.template].family}'s; "
+                   f"--model-family {cfg.model_family} uses "
+                   f"{' or '.join(family_templates(cfg.model_family))}")
+    if cfg.evev1_ratio not in RATIOS:
+        out.append(f"--evev1-ratio must be one of {RATIOS} (672 or 1344 pixels), "
+                   f"got {cfg.evev1_ratio}")
     if cfg.seq_length < 2:
         out.append(f"--seq-length must be >= 2, got {cfg.seq_length}")
     if cfg.workers < 0 or cfg.batch_size < 1:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Iterable, Iterator, List, Optional
 
-from eve_megatron.data.images import ImageConfig, ImageError, prepare_image
+from eve_megatron.data.images import ImageConfig, ImageError, prepare_evev1_image, prepare_image
 from eve_megatron.data.indexed import IndexedDatasetWriter, StoredImage
 from eve_megatron.data.preflight import (PreflightError, check_preprocess, config_problems,
                                          existing_dataset)
@@ -43,7 +43,12 @@ class PreprocessConfig:
     tokenizer: str
     """Local HF tokenizer folder or sentencepiece ``.model``."""
     template: str = "plain"
-    """One of ``plain``, ``qwen2``, ``chatml``."""
+    """One of ``plain``, ``qwen2``, ``chatml`` (EVEv2); ``plain_bos``, ``vicuna_v1`` (EVEv1)."""
+    model_family: str = "evev2"
+    """``evev2`` (AnyRatio images, 32-px blocks) or ``evev1`` (EVEv1's resize rule, 28-px
+    blocks, plus each image's teacher image; ``hf/evev1_image_rules.py``)."""
+    evev1_ratio: int = 2
+    """EVEv1 only: student size / base size, 2 (672, EVE-7B-v1.0) or 4 (1344, HD)."""
     image_root: str = "."
     """Folder that relative image paths of JSON inputs are resolved against."""
     seq_length: int = 4096
@@ -104,7 +109,7 @@ def _render(raw: RawSample, cfg: PreprocessConfig):
         return render_conversation(normalise_turns(raw.turns), n, cfg.template, cfg.system_prompt)
     if raw.caption is not None:
         return render_caption(raw.caption, n, cfg.template, cfg.system_prompt)
-    return render_text(raw.text)
+    return render_text(raw.text, cfg.template)
 
 
 def _fit(out: Processed, cfg: PreprocessConfig) -> None:
@@ -121,6 +126,14 @@ def _fit(out: Processed, cfg: PreprocessConfig) -> None:
     out.tokens, out.loss_mask, out.truncated = out.tokens[:keep], out.loss_mask[:keep], True
 
 
+def _stored_image(data: bytes, cfg: PreprocessConfig) -> StoredImage:
+    """One image prepared by its family's rule (position set by the caller)."""
+    if cfg.model_family == "evev1":
+        student, hp, wp, teacher, tw, th = prepare_evev1_image(data, cfg.image, cfg.evev1_ratio)
+        return StoredImage(student, hp, wp, 0, teacher, tw, th)
+    return StoredImage(*prepare_image(data, cfg.image), 0)
+
+
 def process_raw(raw, cfg: PreprocessConfig, tok: Tokenizer) -> Processed:
     """Turn one raw sample into a :class:`Processed` (never raises for bad data)."""
     if isinstance(raw, RawError):
@@ -128,12 +141,14 @@ def process_raw(raw, cfg: PreprocessConfig, tok: Tokenizer) -> Processed:
     out = Processed(raw.sample_id, raw.origin)
     try:
         tokens, mask, positions = tokenize_segments(_render(raw, cfg), tok)
-        images = [prepare_image(_read_image(ref, cfg), cfg.image) for ref in raw.images]
+        images = [_stored_image(_read_image(ref, cfg), cfg) for ref in raw.images]
     except (TemplateError, ImageError) as exc:
         out.reason, out.detail = exc.reason, exc.detail
         return out
     out.tokens, out.loss_mask = tokens, mask
-    out.images = [StoredImage(data, hp, wp, pos) for (data, hp, wp), pos in zip(images, positions)]
+    for im, pos in zip(images, positions):
+        im.pos = pos
+    out.images = images
     _fit(out, cfg)
     if out.reason is None and not any(out.loss_mask):
         out.reason, out.detail = "no_supervised_tokens", "no token carries loss"
@@ -179,10 +194,19 @@ def _results(cfg: PreprocessConfig, tok: Tokenizer) -> Iterator[List[Processed]]
 
 
 def _metadata(cfg: PreprocessConfig, tok: Tokenizer) -> dict:
-    return {"format": "eve_megatron indexed dataset", "template": cfg.template,
+    """The dataset's metadata; EVEv2's keys exactly as before, EVEv1 adds its own."""
+    meta = {"format": "eve_megatron indexed dataset", "template": cfg.template,
             "tokenizer": os.path.abspath(cfg.tokenizer), "vocab_size": tok.vocab_size,
             "seq_length": cfg.seq_length, "image": asdict(cfg.image), "truncate": cfg.truncate,
             "system_prompt": cfg.system_prompt, "inputs": [os.path.abspath(p) for p in cfg.inputs]}
+    if cfg.model_family == "evev1":
+        from eve_megatron.hf import evev1_image_rules as evev1
+
+        meta["model_family"] = "evev1"
+        meta["image"].update(rule="evev1", block=evev1.BLOCK, evev1_ratio=cfg.evev1_ratio,
+                             base_size=evev1.BASE_SIZE, teacher_patch=evev1.TEACHER_PATCH)
+        meta["image"].pop("max_size")  # EVEv1's sizes follow the base size, not max_size
+    return meta
 
 
 def run_preprocess(cfg: PreprocessConfig) -> dict:
@@ -207,7 +231,8 @@ def _run_locked(cfg: PreprocessConfig, tok: Tokenizer) -> dict:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.time()
-    writer = IndexedDatasetWriter(cfg.output_prefix, _metadata(cfg, tok))
+    writer = IndexedDatasetWriter(cfg.output_prefix, _metadata(cfg, tok),
+                                  teacher=cfg.model_family == "evev1")
     report_path = cfg.output_prefix + ".skipped.jsonl"
     counts, truncated, n_tokens, n_image_tokens = Counter(), 0, 0, 0
     try:

@@ -1,9 +1,12 @@
-"""Prompt templates and their loss masks (reference §4), and segment tokenisation.
+"""Prompt templates and their loss masks (reference §4; EVEv1: evev1_reference.md §3-4).
 
-A rendered sample is a list of :class:`Segment`: text pieces with a ``supervised`` flag
-and image slots. Each text piece is tokenised on its own, so the loss mask is exact.
-``<image>`` markers are removed from their message and put at its front, one
-``<image>\\n`` per image, in order.
+A rendered sample is a list of :class:`~eve_megatron.data.segments.Segment` (text pieces
+with a ``supervised`` flag, special tokens, image slots), tokenised by
+:func:`~eve_megatron.data.segments.tokenize_segments`. ``<image>`` markers are removed from
+their message and put at its front, one ``<image>\\n`` per image, in order. Each template
+belongs to a model family (:data:`TEMPLATE_SPECS`).
+
+EVEv2 (each text piece tokenised on its own):
 
 - ``plain`` (captions): ``<image>`` + caption + ``\\n``; loss on caption and newline.
   For conversations the user's text is dropped (only its images stay) and every
@@ -12,7 +15,17 @@ and image slots. Each text piece is tokenised on its own, so the loss mask is ex
   loss on `` {a}<|im_end|>``, everything up to and including `` ASSISTANT:`` masked.
 - ``chatml``: ``<|im_start|>role\\n...<|im_end|>\\n``; loss on the answer and its ``<|im_end|>``.
 
-Text-only documents (a ``text`` field) are always plain: text + ``\\n``, all supervised.
+EVEv1 (BOS ``<s>`` first and masked; text between images and special tokens tokenised as
+one piece, as the official code does, the mask by LLaVA's prefix-count rule):
+
+- ``plain_bos``: ``<s><image>`` + caption + ``\\n``; loss on caption and newline, no EOS
+  (the official ``preprocess_plain``).
+- ``vicuna_v1`` (``conv_vicuna_v1``, LLaVA ``preprocess_v1``):
+  ``<s>{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>``;
+  everything through `` ASSISTANT:`` masked, `` {a}`` and ``</s>`` supervised.
+
+Text-only documents (a ``text`` field) are always plain: text + ``\\n``, all supervised
+(after a masked ``<s>`` for EVEv1's templates).
 """
 
 from __future__ import annotations
@@ -20,11 +33,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from eve_megatron.data.tokenizer import Tokenizer
+from eve_megatron.data.segments import Segment, tokenize_segments  # noqa: F401
 from eve_megatron.hf.eve_prompt import IM_END, IM_START, IMAGE_TOKEN, QWEN2_SYSTEM  # noqa: F401
 
-TEMPLATES = ("plain", "qwen2", "chatml")
 CHATML_SYSTEM = "You are a helpful assistant."
+LLAMA_BOS, LLAMA_EOS = "<s>", "</s>"
+VICUNA_V1_SYSTEM = QWEN2_SYSTEM
+"""``conv_vicuna_v1``'s system prompt: the same text as the EVEv2 release's (both LLaVA's)."""
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """What a template needs and how it tokenises."""
+
+    family: str
+    """Model family it belongs to (``evev2`` or ``evev1``)."""
+    specials: Tuple[str, ...]
+    """Special tokens that must be single tokens of the tokenizer."""
+    bos: Optional[str] = None
+    """Token put first in every sample (masked), or None."""
+    joined: bool = False
+    """Text between images and special tokens is tokenised as one piece (``Segment.join``)."""
+
+
+TEMPLATE_SPECS = {
+    "plain": TemplateSpec("evev2", ()),
+    "qwen2": TemplateSpec("evev2", (IM_END,)),
+    "chatml": TemplateSpec("evev2", (IM_START, IM_END)),
+    "plain_bos": TemplateSpec("evev1", (LLAMA_BOS,), LLAMA_BOS, True),
+    "vicuna_v1": TemplateSpec("evev1", (LLAMA_BOS, LLAMA_EOS), LLAMA_BOS, True),
+}
+TEMPLATES = tuple(TEMPLATE_SPECS)
+FAMILIES = ("evev2", "evev1")
+"""Model families whose data preprocessing knows (images and templates differ)."""
+
+
+def family_templates(family: str) -> Tuple[str, ...]:
+    """Templates of a model family."""
+    return tuple(n for n, spec in TEMPLATE_SPECS.items() if spec.family == family)
+
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "system": "system"}
 
@@ -38,18 +86,9 @@ class TemplateError(ValueError):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class Segment:
-    """A text piece (``image < 0``) or the slot of image number ``image``."""
-
-    text: str = ""
-    supervised: bool = False
-    image: int = -1
-
-
 def required_special_tokens(template: str) -> Tuple[str, ...]:
     """Special tokens that must be single tokens of the tokenizer for ``template``."""
-    return {"plain": (), "qwen2": (IM_END,), "chatml": (IM_START, IM_END)}[template]
+    return TEMPLATE_SPECS[template].specials
 
 
 def normalise_turns(conversations) -> List[Tuple[str, str]]:
@@ -101,18 +140,23 @@ def _place_images(pairs, n_images: int):
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, joined: bool = False) -> None:
         self.segments: List[Segment] = []
         self.next_image = 0
+        self.joined = joined
 
     def text(self, text: str, supervised: bool = False) -> None:
         if not text:
             return
         last = self.segments[-1] if self.segments else None
-        if last is not None and last.image < 0 and last.supervised == supervised:
-            self.segments[-1] = Segment(last.text + text, supervised)
+        if last is not None and last.is_text and last.supervised == supervised:
+            self.segments[-1] = Segment(last.text + text, supervised, join=last.join)
         else:
-            self.segments.append(Segment(text, supervised))
+            join = self.joined and last is not None and last.is_text
+            self.segments.append(Segment(text, supervised, join=join))
+
+    def special(self, token: str, supervised: bool = False) -> None:
+        self.segments.append(Segment(token, supervised, special=True))
 
     def images(self, count: int, newline: bool) -> None:
         for _ in range(count):
@@ -125,20 +169,30 @@ class _Builder:
 def render_conversation(turns: Sequence[Tuple[str, str]], n_images: int, template: str,
                         system_prompt: Optional[str] = None) -> List[Segment]:
     """Render normalised turns with ``template`` into segments (images in order)."""
+    if template not in TEMPLATE_SPECS:
+        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
     system, pairs = _pairs(turns)
     users = _place_images(pairs, n_images)
-    out = _Builder()
-    if template == "plain":
+    spec = TEMPLATE_SPECS[template]
+    out = _Builder(spec.joined)
+    if spec.bos:
+        out.special(spec.bos)
+    if template in ("plain", "plain_bos"):
         for (count, _), (_, answer) in zip(users, pairs):
             out.images(count, newline=False)
             out.text(answer + "\n", True)
-    elif template == "qwen2":
-        out.text((system or system_prompt or QWEN2_SYSTEM) + " ")
+    elif template in ("qwen2", "vicuna_v1"):
+        default = QWEN2_SYSTEM if template == "qwen2" else VICUNA_V1_SYSTEM
+        out.text((system or system_prompt or default) + " ")
         for (count, question), (_, answer) in zip(users, pairs):
             out.text("USER: ")
             out.images(count, newline=True)
             out.text(question + " ASSISTANT:")
-            out.text(" " + answer + IM_END, True)
+            if template == "qwen2":
+                out.text(" " + answer + IM_END, True)
+            else:
+                out.text(" " + answer, True)
+                out.special(LLAMA_EOS, True)
     elif template == "chatml":
         out.text(f"{IM_START}system\n{system or system_prompt or CHATML_SYSTEM}{IM_END}\n")
         for (count, question), (_, answer) in zip(users, pairs):
@@ -147,8 +201,6 @@ def render_conversation(turns: Sequence[Tuple[str, str]], n_images: int, templat
             out.text(f"{question}{IM_END}\n{IM_START}assistant\n")
             out.text(answer + IM_END, True)
             out.text("\n")
-    else:
-        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
     return out.segments
 
 
@@ -162,25 +214,10 @@ def render_caption(caption: str, n_images: int, template: str,
     return render_conversation(turns, n_images, template, system_prompt)
 
 
-def render_text(text: str) -> List[Segment]:
-    """A text-only document: ``text\\n``, every token supervised."""
+def render_text(text: str, template: str = "plain") -> List[Segment]:
+    """A text-only document: ``text\\n``, every token supervised (after the template's
+    masked BOS, if it has one)."""
     if not text.strip():
         raise TemplateError("missing_field", "empty text")
-    return [Segment(text + "\n", True)]
-
-
-def tokenize_segments(segments: Sequence[Segment], tokenizer: Tokenizer
-                      ) -> Tuple[List[int], List[int], List[int]]:
-    """Tokens, per-token loss mask (1 = supervised target) and, per image, the text-token
-    index its span is spliced before."""
-    tokens: List[int] = []
-    mask: List[int] = []
-    image_pos: List[int] = []
-    for seg in segments:
-        if seg.image >= 0:
-            image_pos.append(len(tokens))
-            continue
-        ids = tokenizer.encode(seg.text)
-        tokens.extend(ids)
-        mask.extend([int(seg.supervised)] * len(ids))
-    return tokens, mask, image_pos
+    bos = TEMPLATE_SPECS[template].bos
+    return ([Segment(bos, special=True)] if bos else []) + [Segment(text + "\n", True)]

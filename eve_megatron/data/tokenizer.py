@@ -67,7 +67,10 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece ``.model`` file (user-defined symbols encode as one piece)."""
+    """A sentencepiece ``.model`` file (user-defined symbols encode as one piece). Each
+    ``encode`` call is one ``SentencePieceProcessor.encode`` (a dummy prefix when the model
+    adds one, as Llama's does); control symbols (``<s>``, ``</s>``) are found by
+    :meth:`token_id`, never in text, as with the slow HF Llama tokenizer's special tokens."""
 
     def __init__(self, path: str) -> None:
         import sentencepiece as spm
@@ -90,8 +93,14 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load a tokenizer from a local HF folder or a sentencepiece ``.model`` file."""
+    """Load a tokenizer from a local HF folder or a sentencepiece ``.model`` file. A folder
+    with a ``tokenizer.model`` but no ``tokenizer.json`` (a Llama/Vicuna or EVEv1 release
+    folder) is read as that sentencepiece model: the slow tokenizer's (``use_fast=False``)
+    semantics, pad = unk 0, bos 1, eos 2."""
     if os.path.isdir(path):
+        model = os.path.join(path, "tokenizer.model")
+        if os.path.isfile(model) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return SentencePieceTokenizer(model)
         return HFTokenizer(path)
     if os.path.isfile(path) and path.endswith(".model"):
         return SentencePieceTokenizer(path)

@@ -48,6 +48,22 @@ def make_sp_tokenizer(folder: str) -> str:
     return prefix + ".model"
 
 
+def make_llama_sp_tokenizer(folder: str) -> str:
+    """Train a tiny sentencepiece model shaped like Llama's ``tokenizer.model``: BPE, byte
+    fallback, identity normalisation, whitespace kept, a dummy prefix, unk 0 / bos 1 / eos 2,
+    no pad piece. Returns the folder (``tokenizer.model`` in it, no ``tokenizer.json``)."""
+    import sentencepiece as spm
+
+    os.makedirs(folder, exist_ok=True)
+    prefix = os.path.join(folder, "tokenizer")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=prefix, vocab_size=400, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return folder
+
+
 def random_rgb(w: int, h: int, seed: int) -> np.ndarray:
     """A smooth random RGB image (JPEG-friendly) as ``[h, w, 3]`` uint8."""
     rng = np.random.default_rng(seed)
