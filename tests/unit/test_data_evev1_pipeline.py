@@ -105,6 +105,8 @@ def test_loader_batch_satisfies_the_contract(evev1_prefix):
         assert np.allclose(batch["teacher_pixel_values"][i].numpy(), _normalised(canvas), atol=1e-5)
         assert int(batch["teacher_valid"][i].sum()) == base[1] // 14 * 24
         assert (batch["teacher_valid"][i] == torch.from_numpy(rules.teacher_valid(*base))).all()
+        valid = batch["teacher_valid"][i].view(24, 24)  # x2: one teacher patch per 28-px block
+        assert (int(valid.any(1).sum()), int(valid.any(0).sum())) == (h, w)
 
 
 def test_batch_drives_the_evev1_patch_embedding(evev1_prefix):
