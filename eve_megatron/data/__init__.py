@@ -8,7 +8,7 @@ Modules (import what you need; none imports torch except ``pixels``, ``dataset``
   chatml (EVEv2), plain_bos, vicuna_v1 (EVEv1) + loss masks; segment tokenisation
 - ``sources``, ``preprocess``: input readers and the offline preprocessing run
 - ``preflight``: inputs, tokenizer and output checked before a run (all problems at once)
-- ``indexed``: the ``PREFIX.bin`` / ``PREFIX.idx`` dataset format
+- ``indexed`` (+ ``indexed_format``): the ``PREFIX.bin`` / ``PREFIX.idx`` dataset format
 - ``packing`` (+ ``packing_reference``): C++ pack index and blending, pure-Python twins
 - ``dataset``, ``loader``: rows of the batch contract, collate, resumable sampler, DataLoader
 """
