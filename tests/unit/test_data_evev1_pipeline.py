@@ -109,6 +109,16 @@ def test_loader_batch_satisfies_the_contract(evev1_prefix):
         assert (int(valid.any(1).sum()), int(valid.any(0).sum())) == (h, w)
 
 
+def test_worker_batches_equal_in_process_ones(evev1_prefix):
+    """Teacher tensors built in shared memory by DataLoader workers arrive intact."""
+    dataset = EVEPackedDataset(PackedDataConfig([evev1_prefix[0]], seq_length=1024, num_samples=2))
+    serial = list(build_data_loader(dataset, 0, 1, num_workers=0))
+    workers = list(build_data_loader(dataset, 0, 1, num_workers=2))
+    for a, b in zip(serial, workers, strict=True):
+        for key in ("pixel_values", "teacher_pixel_values", "teacher_valid", "image_grid_hw"):
+            assert torch.equal(a[key], b[key]), key
+
+
 def test_batch_drives_the_evev1_patch_embedding(evev1_prefix):
     from eve_megatron.models.evev1 import EVEv1PatchEmbedding, evev1_config
 

@@ -80,14 +80,16 @@ CONVS = [
     [("<image>\nWhat is in the picture?", "A red cat sitting on a blue mat.")],
     [("Describe the image in detail. <image>", "Two dogs play in the park."),
      ("And the tree?", "It is near the dogs."), ("Sure?", "Yes 100%.")],
+    [("What is a lake?", "Water."), ("Blue?", "Often.")],  # text-only: no image tokens
 ]
 
 
 @pytest.mark.parametrize("conv", CONVS)
 def test_vicuna_v1_equals_llava_preprocess_v1(tok, conv):
     turns = [t for q, a in conv for t in (("human", q), ("gpt", a))]
-    segs = render_conversation(normalise_turns([{"from": f, "value": v} for f, v in turns]), 1,
-                               "vicuna_v1")
+    n_images = sum("<image>" in q for q, _ in conv)
+    segs = render_conversation(normalise_turns([{"from": f, "value": v} for f, v in turns]),
+                               n_images, "vicuna_v1")
     moved = [("<image>\n" + q.replace("<image>", "").strip() if "<image>" in q else q, a)
              for q, a in conv]  # preprocess_multimodal moves <image> to the front
     assert _ours(segs, tok) == _llava_v1(tok._sp, moved)
