@@ -150,7 +150,7 @@ def build_trainer(cfg: TrainConfig, forward_step_func: Optional[Callable] = None
          f"({counts['trainable']:,} trainable / {counts['frozen']:,} frozen elements on rank 0), "
          f"layout {state.layout}, {cfg.num_microbatches(world)} micro-batches per step, "
          f"starting at iteration {state.iteration}")
-    stream = build_train_stream(cfg, state.consumed_samples)
+    stream = build_train_stream(cfg, state.consumed_samples, model_config)
     return Trainer(cfg, model_config, chunks, ddp, optimizer, scheduler, state, stream,
                    forward_step_func or default_forward_step, hooks, counts,
                    image_settings=data_image_settings(cfg))

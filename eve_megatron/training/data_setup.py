@@ -15,17 +15,20 @@ from megatron.core import parallel_state as ps
 
 from eve_megatron.data.dataset import EVEPackedDataset, PackedDataConfig
 from eve_megatron.data.loader import build_data_loader
+from eve_megatron.hf.evev1_image_rules import BASE_SIZE as TEACHER_SIZE
 from eve_megatron.training.config import ConfigError, TrainConfig
 
 STAT_NAMES = ("image_tokens", "text_tokens", "samples", "rows", "corrupt_samples")
 """What :func:`batch_stats` counts, in order."""
 
 
-def build_train_stream(cfg: TrainConfig, consumed_samples: int) -> Iterator[Dict]:
+def build_train_stream(cfg: TrainConfig, consumed_samples: int,
+                       model_config=None) -> Iterator[Dict]:
     """Micro-batches of this data-parallel rank, starting at row ``consumed_samples``.
 
     The loader's iterator is created without drawing from the global torch generator,
-    so a resumed run's RNG stream equals the uninterrupted one.
+    so a resumed run's RNG stream equals the uninterrupted one. With ``model_config`` the
+    data must suit the model (pixel block, EVEv1 teacher images): else a ConfigError.
     """
     t, d = cfg.training, cfg.data
     total = t.iterations * t.global_batch_size
@@ -35,6 +38,8 @@ def build_train_stream(cfg: TrainConfig, consumed_samples: int) -> Iterator[Dict
             seed=t.seed, shuffle_window=d.shuffle_window, corrupt_samples=d.corrupt_samples))
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"data: {exc}") from None
+    if model_config is not None:
+        check_data_fits_model(dataset, model_config)
     _describe(dataset)
     loader = build_data_loader(
         dataset, consumed_samples, t.micro_batch_size,
@@ -42,6 +47,28 @@ def build_train_stream(cfg: TrainConfig, consumed_samples: int) -> Iterator[Dict
         data_parallel_size=ps.get_data_parallel_world_size(), num_workers=d.num_workers)
     with torch.random.fork_rng(devices=[]):
         return iter(loader)
+
+
+def check_data_fits_model(dataset: EVEPackedDataset, model_config) -> None:
+    """The datasets' pixel block is the model's (``patch_stride * dense_stride``), EVEv1 data
+    has teacher images of the teacher's size, and other families' data has none."""
+    if not hasattr(model_config, "block_size"):  # not an EVE model (a benchmark's GPTModel)
+        return
+    block, family = model_config.block_size, type(model_config).FAMILY
+    has_images = any(len(ds.field("image_h")) for ds in dataset.datasets)
+    if has_images and dataset.block != block:
+        raise ConfigError(f"data: the datasets cut images into {dataset.block}-pixel blocks, the "
+                          f"model ({family}) takes {block}: preprocess with --model-family {family}")
+    if family == "evev1" and has_images and not dataset.teacher:
+        raise ConfigError("data: EVEv1 training needs each image's teacher image: preprocess "
+                          "with --model-family evev1")
+    size = getattr(model_config, "teacher_image_size", None)
+    if family != "evev1" and dataset.teacher:
+        raise ConfigError(f"data: EVEv1 datasets (with teacher images) do not suit a {family} "
+                          "model")
+    if dataset.teacher and size is not None and size != TEACHER_SIZE:
+        raise ConfigError(f"data: the teacher images are {TEACHER_SIZE} pixels, the model's "
+                          f"teacher takes {size}")
 
 
 def check_vocab(cfg: TrainConfig, vocab_size: int) -> None:
@@ -132,7 +159,7 @@ class StepData:
         self.fetched = 0
         self.stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
 
-    def _get(self, j: int) -> Dict:
+    def _fetch(self, j: int) -> None:
         while self.fetched <= j:
             try:
                 batch = next(self.source)
@@ -142,11 +169,21 @@ class StepData:
             self.stats += batch_stats(batch)
             self.cache[self.fetched] = batch
             self.fetched += 1
+
+    def _get(self, j: int) -> Dict:
+        self._fetch(j)
         batch = self.cache[j]
         self.used[j] += 1
         if self.used[j] == self.num_chunks:
             del self.cache[j]
         return batch
+
+    def prefetch(self) -> List[Dict]:
+        """Fetch every micro-batch of the step now (before any is handed out)."""
+        if any(self.used):
+            raise RuntimeError("prefetch() must come before the step's micro-batches are used")
+        self._fetch(self.n - 1)
+        return [self.cache[j] for j in range(self.n)]
 
     def _iter(self) -> Iterator[Dict]:
         for j in range(self.n):

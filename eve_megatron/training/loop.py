@@ -32,6 +32,8 @@ class StepResult:
     grad_norm: float
     skipped: bool
     """True when the loss or the gradient norm was NaN/Inf: no update was made."""
+    pal_loss: Optional[float] = None
+    """EVEv1: the PAL loss per image of the global batch (None for other families)."""
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Trainer:
         for m in self.ddp:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
+        pal = self._weigh_pal(data)
         iters = data.iterators()
         vp = len(self.ddp) > 1
         outputs = get_forward_backward_func()(
@@ -81,15 +84,41 @@ class Trainer:
                 total += out["lm loss"].to(total)
         torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
         loss = float(total[0] / total[1]) if last else float("nan")
-        bad = torch.tensor([float(last and not math.isfinite(loss))], device=self._device())
+        pal_loss = None
+        if pal:
+            pal_total = torch.zeros(2, dtype=torch.float64, device=self._device())
+            for out in outputs if last else ():
+                pal_total += out["pal loss"].to(pal_total)
+            torch.distributed.all_reduce(pal_total, group=ps.get_data_parallel_group())
+            pal_loss = float(pal_total[0] / pal_total[1].clamp_min(1)) if last else float("nan")
+            loss_ok = math.isfinite(loss) and math.isfinite(pal_loss)
+        else:
+            loss_ok = math.isfinite(loss)
+        bad = torch.tensor([float(last and not loss_ok)], device=self._device())
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bad.item() > 0:
-            return StepResult(loss, float("nan"), skipped=True)
+            return StepResult(loss, float("nan"), skipped=True, pal_loss=pal_loss)
         ok, grad_norm = step_unless_non_finite(self.optimizer)
         if not ok:
-            return StepResult(loss, grad_norm, skipped=True)
+            return StepResult(loss, grad_norm, skipped=True, pal_loss=pal_loss)
         self.scheduler.step(increment=1)
-        return StepResult(loss, grad_norm, skipped=False)
+        return StepResult(loss, grad_norm, skipped=False, pal_loss=pal_loss)
+
+    def _weigh_pal(self, data: StepData) -> bool:
+        """EVEv1 batches (with ``teacher_valid``): set every micro-batch's ``pal_weight`` =
+        supervised tokens / images of the global batch (data-parallel sum), so the step
+        minimises CE per token + PAL per image. Returns whether the step has a PAL."""
+        batches = data.prefetch()
+        if not batches or "teacher_valid" not in batches[0]:
+            return False
+        counts = torch.tensor([sum(float(b["loss_mask"].sum()) for b in batches),
+                               sum(float(b["teacher_valid"].shape[0]) for b in batches)],
+                              dtype=torch.float64, device=self._device())
+        torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
+        weight = float(counts[0] / counts[1].clamp_min(1))
+        for b in batches:
+            b["pal_weight"] = weight
+        return True
 
     def train(self) -> List[float]:
         """Run from ``state.iteration`` to the end (or ``--exit-interval``); returns the
@@ -112,7 +141,8 @@ class Trainer:
                 consecutive = consecutive + 1 if result.skipped else 0
                 self.losses.append(result.loss)
                 reporter.add(st.iteration, data_parallel_sum(data.stats), result.loss,
-                             result.grad_norm, self._lr(), result.skipped)
+                             result.grad_norm, self._lr(), result.skipped,
+                             pal_loss=result.pal_loss)
                 if self.hooks is not None and hasattr(self.hooks, "after_step"):
                     self.hooks.after_step(self, result)
                 if consecutive >= cfg.training.max_consecutive_nonfinite:

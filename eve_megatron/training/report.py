@@ -68,13 +68,18 @@ class Reporter:
         self.t0 = time.perf_counter()
         self.stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
         self.loss_sum = self.loss_count = 0.0
+        self.pal_sum = self.pal_count = 0.0
         self.iters = self.skipped = 0
         self.grad_norm = float("nan")
 
     def add(self, iteration: int, stats: torch.Tensor, loss: Optional[float], grad_norm,
-            lr: float, skipped: bool) -> None:
-        """Record one iteration (``stats`` summed over data-parallel ranks)."""
+            lr: float, skipped: bool, pal_loss: Optional[float] = None) -> None:
+        """Record one iteration (``stats`` summed over data-parallel ranks; ``pal_loss``:
+        EVEv1's visual-supervision loss, reported beside the token loss)."""
         self.stats += stats
+        if pal_loss is not None and math.isfinite(pal_loss):
+            self.pal_sum += pal_loss
+            self.pal_count += 1
         self.corrupt_total += int(stats[STAT_NAMES.index("corrupt_samples")])
         self.iters += 1
         self.skipped += int(skipped)
@@ -101,9 +106,12 @@ class Reporter:
             "ms-per-iteration": 1000 * seconds / max(self.iters, 1), "skipped": self.skipped}
         if loss is not None:
             m["lm-loss"] = loss
+        if self.pal_count:
+            m["pal-loss"] = self.pal_sum / self.pal_count
         line = (f"iteration {iteration:8d}/{self.total} | lr {m['learning-rate']:.3e} | "
                 f"loss {'skipped' if loss is None else format(loss, '.6e')} | "
-                f"grad norm {m['grad-norm']:.4f} | "
+                + (f"pal loss {m['pal-loss']:.6e} | " if "pal-loss" in m else "")
+                + f"grad norm {m['grad-norm']:.4f} | "
                 f"ms/iter {m['ms-per-iteration']:.1f} | tokens/s {m['tokens-per-sec']:.0f} "
                 f"(image {m['image-tokens-per-sec']:.0f}, text {m['text-tokens-per-sec']:.0f}) | "
                 f"samples/s {m['samples-per-sec']:.2f} | skipped {self.skipped}")

@@ -35,15 +35,30 @@ def trainable_set(cfg: TrainConfig) -> str:
 
 
 def is_trainable(name: str, which: str) -> bool:
-    """Whether parameter ``name`` (a chunk's local name) learns under ``which``."""
+    """Whether parameter ``name`` (a chunk's local name) learns under ``which``. EVEv1's
+    teacher never learns; its PAL (``pal.*``) belongs to the vision set (the official
+    prealign stage trains the PEL, the projector and the PAL)."""
+    if name.startswith("teacher."):
+        return False
     if which == "all":
         return True
     patch = name.startswith("embedding.patch_embedding.")
     if which == "patch_embedding":
         return patch
     if which == "vision":
-        return patch or any(part.startswith("vision_") for part in name.split("."))
+        return (patch or name.startswith("pal.")
+                or any(part.startswith("vision_") for part in name.split(".")))
     raise ValueError(f"unknown trainable set {which!r}")
+
+
+def preset_config(preset: str, **overrides) -> EVEConfig:
+    """The config of a named preset of any family (EVEv2 ``tiny``, ``qwen2.5-7b``, ...;
+    EVEv1 ``evev1-tiny``, ``evev1-7b``)."""
+    from eve_megatron.models.evev1.config import PRESETS as EVEV1_PRESETS, evev1_config
+
+    if preset in EVEV1_PRESETS:
+        return evev1_config(preset, **overrides)
+    return eve_config(preset, **overrides)
 
 
 def apply_freezing(chunks: List[torch.nn.Module], which: str) -> Dict[str, int]:
@@ -109,7 +124,7 @@ def build_model_config(cfg: TrainConfig, checkpoint_fields: Optional[dict],
         if "decoupling" not in arch and stage in STAGE_DECOUPLING:
             arch["decoupling"] = STAGE_DECOUPLING[stage][0]
         try:
-            model = eve_config(m.preset, **arch, **runtime_overrides(cfg))
+            model = preset_config(m.preset, **arch, **runtime_overrides(cfg))
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
     if stage in STAGE_DECOUPLING and model.decoupling not in STAGE_DECOUPLING[stage]:
@@ -117,7 +132,7 @@ def build_model_config(cfg: TrainConfig, checkpoint_fields: Optional[dict],
                 if model.decoupling == "none" else "")
         raise ConfigError(f"training: stage {stage} needs decoupling in "
                           f"{STAGE_DECOUPLING[stage]}, the model has {model.decoupling!r}{hint}")
-    if trainable_set(cfg) == "vision" and model.decoupling == "none":
+    if trainable_set(cfg) == "vision" and model.decoupling == "none" and model.FAMILY == "evev2":
         raise ConfigError("training: trainable=vision needs a model with vision copies")
     try:
         model.attention_impl  # resolve the attention backend on this machine, before any work

@@ -67,7 +67,8 @@ def config_of(shape, **overrides):
                        ffn_hidden_size=shape.ffn, vocab_size=shape.vocab,
                        vision_hidden_size=shape.mm_hidden, pel_num_attention_heads=shape.pel_heads,
                        teacher_hidden_size=shape.teacher_hidden, pal_num_attention_heads=shape.pal_heads,
-                       pal_layer_stride=shape.layers - shape.pal_layers[1], **overrides)
+                       pal_layer_stride=shape.layers - shape.pal_layers[1],
+                       teacher_image_size=shape.teacher_image_size, **overrides)
     assert cfg.pal_taps == shape.pal_layers
     return cfg
 

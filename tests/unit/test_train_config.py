@@ -96,6 +96,26 @@ def test_eve7b_recipes_mirror_the_reference_table(name):
         stage, "all")
 
 
+EVEV1 = {"prealign": ("vision", 4e-4, 512, 2048, 0.03), "pretrain": ("all", 4e-5, 512, 2048, 0.01),
+         "sft": ("all", 2e-5, 128, 2048, 0.01), "sft_hd": ("all", 2e-5, 128, 4096, 0.01)}
+"""EVEv1 stages of ../shared/docs/evev1_reference.md section 3: trainable set, LR, global
+batch, max length, warmup."""
+
+
+@pytest.mark.parametrize("name", sorted(EVEV1))
+def test_evev1_recipes_mirror_the_reference_table(name):
+    cfg = parse_config(["--config", os.path.join(ROOT, "examples", "evev1", f"{name}.yaml")])
+    cfg.validate(world_size=32)
+    assert (trainable_set(cfg), cfg.optimizer.lr, cfg.training.global_batch_size,
+            cfg.data.seq_length, cfg.optimizer.lr_warmup_fraction) == EVEV1[name]
+    assert cfg.model.preset == "evev1-7b" and cfg.parallel.pipeline_model_parallel_size == 1
+    assert cfg.optimizer.weight_decay == 0.0 and cfg.optimizer.lr_decay_style == "cosine"
+    cpu = parse_config(["--config", os.path.join(ROOT, "examples", "evev1", f"{name}.yaml"),
+                        "--transformer-impl", "local", "--attention-backend", "sdpa"])
+    model = build_model_config(cpu, None)  # the architecture (TE is GPU-only)
+    assert type(model).FAMILY == "evev1" and model.num_layers == 32 and model.vocab_size == 32000
+
+
 def test_quickstart_recipes_parse():
     for path in glob.glob(os.path.join(ROOT, "examples", "quickstart", "*.yaml")):
         cfg = parse_config(["--config", path, "--data-path", "x"])

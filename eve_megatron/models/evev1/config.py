@@ -15,12 +15,9 @@ from typing import ClassVar
 
 import torch
 
+from eve_megatron.hf.evev1_image_rules import BASE_SIZE, DENSE_STRIDE, PATCH_STRIDE, TEACHER_PATCH
 from eve_megatron.models.eve.config import EVEConfig, _arch
 
-EVEV1_PATCH = 14
-"""Pixels per side of a conv patch (``patch_stride``)."""
-EVEV1_WINDOW = 2
-"""Patches per side of a LocalAttention window (``conv_stride``)."""
 
 
 @dataclass
@@ -39,9 +36,9 @@ class EVEv1Config(EVEConfig):
     (``hidden_states[-2]``), so only ``n - 1`` layers are built."""
     teacher_num_attention_heads: int = _arch(16)
     teacher_ffn_hidden_size: int = _arch(4096)
-    teacher_image_size: int = _arch(336)
+    teacher_image_size: int = _arch(BASE_SIZE)
     """Side of the teacher's (padded, square) input image."""
-    teacher_patch_size: int = _arch(14)
+    teacher_patch_size: int = _arch(TEACHER_PATCH)
     teacher_layernorm_epsilon: float = _arch(1e-5)
     pal_layer_stride: int = _arch(4)
     """The PAL taps hidden states ``L, L - k, ..., 0`` for this ``k`` (4 of 32 layers: 9 taps;
@@ -53,8 +50,8 @@ class EVEv1Config(EVEConfig):
     # their _arch declaration, so they stay recorded).
     decoupling: str = _arch("none")
     rotary_base: float = _arch(10_000.0)
-    patch_stride: int = _arch(EVEV1_PATCH)
-    dense_stride: int = _arch(EVEV1_WINDOW)
+    patch_stride: int = _arch(PATCH_STRIDE)
+    dense_stride: int = _arch(DENSE_STRIDE)
     add_qkv_bias: bool = False
     layernorm_epsilon: float = 1e-5
 
@@ -91,7 +88,7 @@ PRESETS = {
                        ffn_hidden_size=128, vocab_size=512, vision_hidden_size=32,
                        pel_num_attention_heads=8, teacher_hidden_size=32, pal_layer_stride=1,
                        teacher_num_layers=3, teacher_num_attention_heads=4,
-                       teacher_ffn_hidden_size=64, teacher_image_size=56,
+                       teacher_ffn_hidden_size=64,
                        max_sequence_length=4096),
     "evev1-7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32,
                      num_query_groups=32, ffn_hidden_size=11008, vocab_size=32000,
