@@ -110,12 +110,27 @@ def train_tokenizer(texts, folder: str, vocab_size: int = 400) -> None:
                    "pad_token": "<|endoftext|>", "model_max_length": 4096}, f, indent=1)
 
 
+def train_sentencepiece(texts, folder: str, vocab_size: int = 400) -> None:
+    """A Llama-shaped sentencepiece ``tokenizer.model`` (BPE, byte fallback, unk 0 / bos 1 /
+    eos 2) for the EVEv1 quickstart (its templates use ``<s>`` and ``</s>``)."""
+    import sentencepiece as spm
+
+    os.makedirs(folder, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=os.path.join(folder, "tokenizer"),
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--heldout-images", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sentencepiece", action="store_true",
+                   help="also write a Llama-style sentencepiece tokenizer to OUT/tokenizer_sp (EVEv1)")
     a = p.parse_args(argv)
     rng = np.random.default_rng(a.seed)
     train = write_split(a.out, "train", a.train_images, rng)
@@ -134,6 +149,8 @@ def main(argv=None) -> int:
     texts = [SYSTEM_PROMPT + " USER: ASSISTANT:"] * 50
     texts += [caption(at) for _, at in train] + [q for qs in QUESTIONS.values() for q in qs] * 50
     train_tokenizer(texts, os.path.join(a.out, "tokenizer"))
+    if a.sentencepiece:
+        train_sentencepiece(texts, os.path.join(a.out, "tokenizer_sp"))
     print(json.dumps({"train_images": len(train), "heldout_images": len(heldout),
                       "qa_train": len(qa), "qa_heldout": len(held)}))
     return 0
