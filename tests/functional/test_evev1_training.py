@@ -72,3 +72,17 @@ def test_pal_weight_is_independent_of_the_split(data):
         for name, w in ref["after"].items():
             err = float((r["after"][name] - w).norm() / w.norm().clamp_min(1e-12))
             assert err <= 2e-5, (key, name, err)
+
+
+def test_resume_continues_bit_exactly(data, tmp_path):
+    whole = run_distributed("tests.functional.evev1_workers:train", 1,
+                            argv=_argv(data, "--train-iters", 4, "--save", tmp_path / "a"))[0]
+    run_distributed("tests.functional.evev1_workers:train", 1,
+                    argv=_argv(data, "--train-iters", 4, "--exit-interval", 2,
+                               "--save", tmp_path / "b"))
+    rest = run_distributed("tests.functional.evev1_workers:train", 1,
+                           argv=_argv(data, "--train-iters", 4, "--load", tmp_path / "b",
+                                      "--save", tmp_path / "b"))[0]
+    assert rest["losses"] == whole["losses"][2:]  # token and PAL losses, bit for bit
+    for name, w in whole["after"].items():
+        assert torch.equal(rest["after"][name], w), name
