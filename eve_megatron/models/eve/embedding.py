@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +18,19 @@ from eve_megatron.models.eve.patch_embedding import PatchEmbedding
 class EVEEmbedding(MegatronModule):
     """``word_embeddings`` (vocab-parallel) + ``patch_embedding`` (replicated).
 
-    ``patch_embedding`` is any module mapping ``(pixel_values [P, 3*B*B], image_grid_hw)`` to
-    the image tokens ``[sum N_i, hidden]`` in stream order (default: EVEv2's
-    :class:`PatchEmbedding`; a model family passes its own)."""
+    ``build_patch_embedding(config)`` makes any module mapping ``(pixel_values [P, 3*B*B],
+    image_grid_hw)`` to the image tokens ``[sum N_i, hidden]`` in stream order (default:
+    EVEv2's :class:`PatchEmbedding`; a model family passes its own). It is called after the
+    word embeddings are made, so the random initialisation order is the same for every family."""
 
-    def __init__(self, config, tp_group=None, patch_embedding: Optional[torch.nn.Module] = None):
+    def __init__(self, config, tp_group=None,
+                 build_patch_embedding: Optional[Callable] = None):
         super().__init__(config=config)
         self.tp_group = tp_group
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, init_method=config.embedding_init_method,
             reduce_scatter_embeddings=False, config=config, tp_group=tp_group)
-        self.patch_embedding = patch_embedding if patch_embedding is not None else (
-            PatchEmbedding(config))
+        self.patch_embedding = (build_patch_embedding or PatchEmbedding)(config)
 
     def forward(self, tokens: Tensor, is_vision: Tensor, pixel_values: Optional[Tensor] = None,
                 image_grid_hw: Optional[Tensor] = None) -> Tensor:

@@ -60,7 +60,7 @@ class EVEModel(LanguageModule):
 
         if pre_process:
             self.embedding = EVEEmbedding(config, tp_group=self.tp_group,
-                                          patch_embedding=self.build_patch_embedding(config))
+                                          build_patch_embedding=self.build_patch_embedding)
         self.decoder = TransformerBlock(
             config=config,
             spec=get_eve_block_spec(config, vp_stage, get_pg_rank(self.pg_collection.pp)),
