@@ -21,7 +21,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "pal.", "teacher.")
 """Checkpoint keys of the model; everything else (optimizer, RNG, ...) is not read."""
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 

@@ -125,9 +125,10 @@ class EVEAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or h // heads
         self.groups = heads // kv
         self.scaling = self.head_dim ** -0.5
-        self.q_proj = nn.Linear(h, heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(h, kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(h, kv * self.head_dim, bias=True)
+        bias = getattr(config, "qkv_bias", True)  # Qwen2: True; Llama (EVEv1): False
+        self.q_proj = nn.Linear(h, heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * self.head_dim, h, bias=False)
         self.moe_q_proj = self.moe_k_proj = self.moe_v_proj = self.moe_o_proj = None
         if config.decoupled("self_attn"):

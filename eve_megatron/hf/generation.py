@@ -5,7 +5,9 @@ The model and its image processor are loaded the way users load them
 i.e. the code copied into the export, with its ``max_size`` and ``alpha`` settings),
 the prompt is the training template's (release qwen2 template and system prompt by
 default), decoding stops at ``<|im_end|>`` and the answer drops special tokens, as the
-official decoding does.
+official decoding does. An EVEv1 export (``model_type "eve"``) gets its own image processor
+(``AutoImageProcessor``: EVEv1's resize rule), the ``vicuna_v1`` template and stops at
+``</s>``, as the official EVEv1 benchmarks decode (greedy, ``--conv-mode vicuna_v1``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from eve_megatron.checksums import SUMS, check_folder
-from eve_megatron.data.templates import IM_END
+from eve_megatron.data.templates import IM_END, LLAMA_EOS
 from eve_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from eve_megatron.hf.processing import prompt_ids
 
@@ -44,9 +46,20 @@ def load_export(model_dir: str, dtype: torch.dtype = torch.float32, verify: bool
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
                                                  local_files_only=True, **dtype_kwarg(dtype))
     model.eval()
+    if is_evev1(model):
+        from transformers import AutoImageProcessor
+
+        images = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True,
+                                                    local_files_only=True)
+        return model, load_tokenizer(model_dir), images
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True,
                                               local_files_only=True)
     return model, load_tokenizer(model_dir), processor.image_processor
+
+
+def is_evev1(model) -> bool:
+    """Whether a loaded export is EVEv1 (``model_type "eve"``, ``EVELlamaForCausalLM``)."""
+    return getattr(model.config, "model_type", None) == "eve"
 
 
 @torch.no_grad()
@@ -67,13 +80,18 @@ def greedy(model, input_ids: Sequence[int], images: Sequence[torch.Tensor], max_
 
 
 def answer(model, tokenizer: Tokenizer, image_processor, prompt: str,
-           image_paths: Sequence[str] = (), max_new_tokens: int = 256, template: str = "qwen2",
-           resize_rule: Optional[str] = None) -> Tuple[str, List[int]]:
+           image_paths: Sequence[str] = (), max_new_tokens: int = 256,
+           template: Optional[str] = None, resize_rule: Optional[str] = None
+           ) -> Tuple[str, List[int]]:
     """``(answer text without special tokens, answer token ids)`` of one prompt; images by
-    the export's image processor (``resize_rule`` overrides its ``resize_mode``)."""
+    the export's image processor (``resize_rule`` overrides its ``resize_mode``). The
+    template defaults to the family's (``qwen2``; EVEv1 ``vicuna_v1``); decoding stops at
+    the template's end of answer (``<|im_end|>``; ``</s>`` for vicuna_v1)."""
+    template = template or ("vicuna_v1" if is_evev1(model) else "qwen2")
     images = [image_processor.process_one(p, resize_mode=resize_rule) for p in image_paths]
-    ids = prompt_ids(tokenizer, prompt, images, template)
-    new = greedy(model, ids, images, max_new_tokens, tokenizer.token_id(IM_END))
+    ids = prompt_ids(tokenizer, prompt, images, template, block=model.config.image_block)
+    stop = LLAMA_EOS if template == "vicuna_v1" else IM_END
+    new = greedy(model, ids, images, max_new_tokens, tokenizer.token_id(stop))
     return tokenizer.decode(new, skip_special_tokens=True).strip(), new
 
 

@@ -8,6 +8,9 @@ group: the group's q heads, then its k head, then its v head) and ``gate_up``
 - export: :func:`megatron_to_hf` splits a Megatron tensor into its HF tensors;
 - import: :func:`hf_to_megatron` merges HF tensors (read through a callback) into one.
 
+Every function takes the family's table (default: EVEv2's :data:`TABLE`; EVEv1's is
+``mapping_evev1.TABLE``): one declarative table per family.
+
 Our code says text/vision; the HF side's ``moe_`` names (the released checkpoint's name
 for the vision copies) appear only in this table.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -32,10 +36,11 @@ class Rule:
     fuse: str = COPY
 
 
-def _layer_rules(v: str, m: str) -> List[Rule]:
-    """Rules of one decoder layer's branch: ``v``/``m`` = Megatron/HF prefix of the copy."""
+def _layer_rules(v: str, m: str, qkv_bias: bool = True) -> List[Rule]:
+    """Rules of one decoder layer's branch: ``v``/``m`` = Megatron/HF prefix of the copy
+    (``qkv_bias=False``: Llama's layer, no q/k/v bias)."""
     L, H = "decoder.layers.{i}.", "model.layers.{i}."
-    return [
+    rules = [
         Rule(f"{L}{v}input_layernorm.weight", (f"{H}{m}input_layernorm.weight",)),
         Rule(f"{L}self_attention.{v}linear_qkv.weight",
              tuple(f"{H}self_attn.{m}{p}_proj.weight" for p in "qkv"), QKV),
@@ -47,6 +52,7 @@ def _layer_rules(v: str, m: str) -> List[Rule]:
              (f"{H}{m}mlp.gate_proj.weight", f"{H}{m}mlp.up_proj.weight"), GATE_UP),
         Rule(f"{L}{v}mlp.linear_fc2.weight", (f"{H}{m}mlp.down_proj.weight",)),
     ]
+    return rules if qkv_bias else [r for r in rules if not r.megatron.endswith("linear_qkv.bias")]
 
 
 TABLE: Tuple[Rule, ...] = tuple([
@@ -69,8 +75,12 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
 
 
-_BY_MEGATRON = [(_pattern(r.megatron), r) for r in TABLE]
-_BY_HF = [(_pattern(h), r, k) for r in TABLE for k, h in enumerate(r.hf)]
+@lru_cache(maxsize=None)
+def _compiled(table: Tuple[Rule, ...]):
+    """``(by Megatron name, by HF name)`` patterns of a table (EVEv2's :data:`TABLE` or a
+    family's, e.g. ``mapping_evev1.TABLE``)."""
+    return ([(_pattern(r.megatron), r) for r in table],
+            [(_pattern(h), r, k) for r in table for k, h in enumerate(r.hf)])
 
 
 @dataclass(frozen=True)
@@ -82,24 +92,24 @@ class Heads:
     head_dim: int
 
 
-def find_rule(megatron_name: str) -> Tuple[Rule, Optional[int]]:
+def find_rule(megatron_name: str, table: Tuple[Rule, ...] = TABLE) -> Tuple[Rule, Optional[int]]:
     """The rule of a Megatron name and its layer number (None outside the decoder layers)."""
-    for pattern, rule in _BY_MEGATRON:
+    for pattern, rule in _compiled(table)[0]:
         m = pattern.match(megatron_name)
         if m:
             return rule, (int(m.group(1)) if m.groups() else None)
     raise KeyError(f"no HF name for Megatron tensor {megatron_name!r} (not in the mapping table)")
 
 
-def hf_names(megatron_name: str) -> Tuple[str, ...]:
+def hf_names(megatron_name: str, table: Tuple[Rule, ...] = TABLE) -> Tuple[str, ...]:
     """The HF tensor name(s) a Megatron tensor is made of."""
-    rule, layer = find_rule(megatron_name)
+    rule, layer = find_rule(megatron_name, table)
     return tuple(h.replace("{i}", str(layer)) for h in rule.hf)
 
 
-def megatron_name_of(hf_name: str) -> Tuple[str, int]:
+def megatron_name_of(hf_name: str, table: Tuple[Rule, ...] = TABLE) -> Tuple[str, int]:
     """``(Megatron name, part index)`` of an HF tensor name (KeyError if unknown)."""
-    for pattern, rule, part in _BY_HF:
+    for pattern, rule, part in _compiled(table)[1]:
         m = pattern.match(hf_name)
         if m:
             layer = m.group(1) if m.groups() else None
@@ -130,10 +140,11 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Heads) -
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
-def megatron_to_hf(name: str, tensor: torch.Tensor, heads: Heads) -> List[Tuple[str, torch.Tensor]]:
+def megatron_to_hf(name: str, tensor: torch.Tensor, heads: Heads,
+                   table: Tuple[Rule, ...] = TABLE) -> List[Tuple[str, torch.Tensor]]:
     """Split one full Megatron tensor into its ``(HF name, tensor)`` pairs."""
-    rule, _ = find_rule(name)
-    names = hf_names(name)
+    rule, _ = find_rule(name, table)
+    names = hf_names(name, table)
     if rule.fuse == QKV:
         parts = split_qkv(tensor, heads)
     elif rule.fuse == GATE_UP:
@@ -145,10 +156,11 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, heads: Heads) -> List[Tuple[
     return list(zip(names, parts))
 
 
-def hf_to_megatron(name: str, read: Callable[[str], torch.Tensor], heads: Heads) -> torch.Tensor:
+def hf_to_megatron(name: str, read: Callable[[str], torch.Tensor], heads: Heads,
+                   table: Tuple[Rule, ...] = TABLE) -> torch.Tensor:
     """Build one full Megatron tensor from the HF tensors ``read(hf_name)`` returns."""
-    rule, _ = find_rule(name)
-    parts = [read(h) for h in hf_names(name)]
+    rule, _ = find_rule(name, table)
+    parts = [read(h) for h in hf_names(name, table)]
     if rule.fuse == QKV:
         return merge_qkv(*parts, heads)
     if rule.fuse == GATE_UP:
@@ -159,10 +171,11 @@ def hf_to_megatron(name: str, read: Callable[[str], torch.Tensor], heads: Heads)
     return parts[0]
 
 
-def hf_shapes(name: str, shape: Tuple[int, ...], heads: Heads) -> Dict[str, Tuple[int, ...]]:
+def hf_shapes(name: str, shape: Tuple[int, ...], heads: Heads,
+              table: Tuple[Rule, ...] = TABLE) -> Dict[str, Tuple[int, ...]]:
     """Shapes of the HF tensors of a Megatron tensor of ``shape`` (no data needed)."""
-    rule, _ = find_rule(name)
-    names = hf_names(name)
+    rule, _ = find_rule(name, table)
+    names = hf_names(name, table)
     rest = tuple(shape[1:])
     if rule.fuse == QKV:
         d = heads.head_dim

@@ -26,12 +26,13 @@ def prompt_ids(tokenizer: Tokenizer, question: str, images: Sequence[torch.Tenso
 
     ``question`` may hold ``<image>`` markers; images without one go before the question
     (as in training). The prompt ends where the answer would start (`` ASSISTANT:`` for
-    qwen2).
+    qwen2 and vicuna_v1, whose answer is two supervised segments: text, then ``</s>``).
     """
     if IMAGE_TOKEN not in question and images:
         question = IMAGE_TOKEN * len(images) + question
     segments = render_conversation([("user", question), ("assistant", "-")], len(images), template)
-    last_answer = max(k for k, s in enumerate(segments) if s.supervised)
+    last_answer = max(k for k, s in enumerate(segments)  # the answer's first segment
+                      if s.supervised and not (k and segments[k - 1].supervised))
     tokens, _, image_pos = tokenize_segments(segments[:last_answer], tokenizer)
     ids: List[int] = []
     start = 0

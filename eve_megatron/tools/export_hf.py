@@ -4,6 +4,9 @@ Example:
     python -m eve_megatron.tools.export_hf --load ckpt/stage3 --save hf/eve-7b \\
         --tokenizer Qwen2.5-7B-Instruct/
 
+An EVEv1 checkpoint (``family: evev1``) becomes the EVE-7B-v1.0 layout (names and config keys
+of the release, teacher included, vocabulary cut to the sentencepiece --tokenizer's).
+
 Writes the released layout (sharded safetensors + index, config.json, preprocessor_config.json,
 tokenizer files with the release's chat template, the model and processor code for
 trust_remote_code, SHA256SUMS) under SAVE.tmp, renames it to SAVE when complete, and prints
@@ -38,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="alpha rule of the exported image processor (default: the training data's)")
     p.add_argument("--vision-tower", default=None,
                    help="mm_vision_tower for the official EVEv2 code (default: SAVE's absolute path)")
+    p.add_argument("--evev1-ratio", type=int, choices=(2, 4), default=2,
+                   help="EVEv1 checkpoints: student size / 336 (2: the 672 model, 4: HD 1344)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save")
     p.add_argument("--verify", action="store_true",
                    help="read the finished export back: its SHA256SUMS and every tensor bit for "
@@ -57,7 +62,8 @@ def main(argv=None) -> int:
         summary = export_checkpoint(a.load, a.save, a.tokenizer, a.iteration, a.dtype,
                                     int(a.max_shard_size * 2**30), a.max_image_size,
                                     a.overwrite, progress=not a.no_progress, alpha=a.alpha,
-                                    vision_tower=a.vision_tower, verify=a.verify)
+                                    vision_tower=a.vision_tower, verify=a.verify,
+                                    evev1_ratio=a.evev1_ratio)
     except (KeyError, ValueError, FileNotFoundError, FileExistsError, OutputBusyError) as exc:
         print(f"export_hf: error: {error_text(exc)}", file=sys.stderr)
         return 2

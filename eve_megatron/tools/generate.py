@@ -7,6 +7,8 @@ Example:
 The image is prepared by the export's own image processor (its max_size and alpha rule;
 the reference's inference resize unless --resize train), the prompt uses the release's qwen2
 template and system prompt, decoding stops at <|im_end|> and special tokens are dropped.
+An EVEv1 export (EVE-7B-v1.0 layout) uses EVEv1's resize rule, the vicuna_v1 template and
+stops at </s>.
 The answer is the last line of stdout, line breaks escaped as \\n (backslashes as \\\\).
 
 Also run as ``eve-generate`` (console script of an installed package) or
@@ -29,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--template", choices=TEMPLATES, default="qwen2")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="default: the export's family's (qwen2; EVEv1: vicuna_v1)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the folder's files against its SHA256SUMS")
     p.add_argument("--resize", choices=RESIZE_MODES, default=None,

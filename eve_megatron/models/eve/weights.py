@@ -77,10 +77,15 @@ def patch_embedding_shapes(fields: dict) -> Dict[str, Shape]:
 
 
 def weight_shapes(fields: dict) -> Dict[str, Shape]:
-    """Every full Megatron weight of an EVEv2-family architecture, in HF-friendly order."""
-    if fields.get("family", "evev2") != "evev2":
-        raise ValueError(f"weight table of the {fields['family']!r} family is not written yet "
-                         "(only EVEv2 checkpoints convert to Hugging Face today)")
+    """Every full Megatron weight of an architecture, in HF-friendly order (EVEv1's in
+    ``hf/evev1_weights.py``)."""
+    family = fields.get("family", "evev2")
+    if family == "evev1":
+        from eve_megatron.hf.evev1_weights import weight_shapes as evev1_weight_shapes
+
+        return evev1_weight_shapes(fields)
+    if family != "evev2":
+        raise ValueError(f"no weight table for model family {family!r} (known: evev2, evev1)")
     h = fields["hidden_size"]
     out: Dict[str, Shape] = {"embedding.word_embeddings.weight": (fields["vocab_size"], h)}
     per_layer = layer_weight_shapes(fields)
