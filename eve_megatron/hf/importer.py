@@ -10,6 +10,10 @@ The chunks are saved with ``training.checkpointing.save_checkpoint`` (model only
 - Vision copies the source lacks (a Qwen2 source imported with ``decoupling`` mlp/all, or
   an EVE source with fewer decoupled parts) are copies of their text twins: the
   reference's "copy" step.
+- EVEv1 (``import_evev1``): a released EVE-7B-v1.0 folder or a plain Llama/Vicuna one
+  becomes a ``family: evev1`` checkpoint through EVEv1's name table; the teacher comes
+  from the folder or from ``teacher`` (an HF CLIP folder, which wins), a Llama source gets
+  a fresh PEL and PAL.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from typing import Callable, Dict, Optional
 import torch
 
 from eve_megatron.hf import config_map
+from eve_megatron.hf import import_evev1
 from eve_megatron.hf.hf_files import DTYPES, HFWeights, atomic_folder, refuse_existing
 from eve_megatron.hf.mapping import hf_names, hf_to_megatron, vision_twin
+from eve_megatron.hf.mapping_evev1 import CLIP
 from eve_megatron.hf.progress import FileProgress, write_progress
 from eve_megatron.outputs import OutputLock
-from eve_megatron.hf.shapes import heads_of
+from eve_megatron.hf.shapes import heads_of, table_of
 from eve_megatron.models.eve.weights import weight_shapes
 
 _PATCH = "embedding.patch_embedding."
@@ -47,10 +53,17 @@ def read_image_settings(hf_dir: str) -> dict:
 
 
 def read_source(hf_dir: str, decoupling: Optional[str] = None,
-                vision_hidden_size: int = 1024) -> dict:
-    """Architecture (``MODEL_FIELDS``) of an HF folder, with its preprocessor strides if any."""
+                vision_hidden_size: int = 1024, teacher: Optional[str] = None) -> dict:
+    """Architecture (``MODEL_FIELDS``) of an HF folder, with its preprocessor strides if any
+    (an EVEv1 or Llama folder: ``family: evev1``, the teacher's sizes from ``teacher``)."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
+    if import_evev1.is_evev1_source(cfg):
+        if decoupling not in (None, "none"):
+            raise ValueError(f"EVEv1 is dense: --decoupling {decoupling!r} does not apply")
+        return import_evev1.read_evev1_fields(cfg, teacher, vision_hidden_size)
+    if teacher:
+        raise ValueError("--teacher is for EVEv1 / Llama sources only")
     fields = config_map.fields_from_hf(cfg, decoupling, vision_hidden_size)
     pre = os.path.join(hf_dir, "preprocessor_config.json")
     if config_map.is_eve_config(cfg) and os.path.isfile(pre):
@@ -69,7 +82,9 @@ class LazyFullStateDict(Mapping):
         self.weights, self.fields, self.dtype, self.seed = weights, fields, dtype, seed
         self.on_read = on_read
         self.shapes = weight_shapes(fields)
-        self.heads = heads_of(fields)
+        self.heads, self.table = heads_of(fields), table_of(fields)
+        self.evev1 = fields.get("family") == "evev1"
+        self.fresh_prefixes = import_evev1.FRESH_PREFIXES if self.evev1 else (_PATCH,)
         self.has_vision_tower = any(n.startswith("model.vision_tower.") for n in weights.names())
         self.used, self.origin = set(), {}
         self._fresh: Optional[Dict[str, torch.Tensor]] = None
@@ -85,16 +100,18 @@ class LazyFullStateDict(Mapping):
 
     def source(self, name: str) -> str:
         """Where ``name`` comes from: ``hf``, ``text copy`` or ``fresh``; KeyError if nowhere."""
-        if all(h in self.weights for h in hf_names(name)):
+        names = hf_names(name, self.table)
+        if all(h in self.weights for h in names):
             return "hf"
         twin = vision_twin(name)
         if twin and all(h in self.weights for h in hf_names(twin)):
             return "text copy"
-        if name.startswith(_PATCH) and not self.has_vision_tower:
+        if name.startswith(self.fresh_prefixes) and not self.has_vision_tower:
             return "fresh"
-        missing = [h for h in hf_names(name) if h not in self.weights]
+        missing = [h for h in names if h not in self.weights]
+        hint = " (the CLIP teacher: pass --teacher CLIP_DIR)" if missing[0].startswith(CLIP) else ""
         raise KeyError(f"HF tensor {missing[0]!r} (for Megatron {name!r}) is missing from "
-                       f"{self.weights.folder!r}")
+                       f"{self.weights.folder!r}{hint}")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         origin = self.source(name)
@@ -102,8 +119,8 @@ class LazyFullStateDict(Mapping):
             tensor = self._fresh_patch_embedding()[name]
         else:
             src = name if origin == "hf" else vision_twin(name)
-            self.used.update(hf_names(src))
-            tensor = hf_to_megatron(src, self.weights.read, self.heads)
+            self.used.update(hf_names(src, self.table))
+            tensor = hf_to_megatron(src, self.weights.read, self.heads, self.table)
         if tuple(tensor.shape) != self.shapes[name]:
             raise ValueError(f"{name!r} from {self.weights.folder!r} has shape "
                              f"{tuple(tensor.shape)}, the architecture needs {self.shapes[name]}")
@@ -114,6 +131,8 @@ class LazyFullStateDict(Mapping):
 
     def _fresh_patch_embedding(self) -> Dict[str, torch.Tensor]:
         """A new patch embedding drawn from ``seed`` (the same on every rank)."""
+        if self._fresh is None and self.evev1:
+            self._fresh = import_evev1.fresh_evev1(self.fields, self.seed)
         if self._fresh is None:
             from eve_megatron.models.eve.config import config_from_fields
             from eve_megatron.models.eve.patch_embedding import PatchEmbedding
@@ -126,15 +145,24 @@ class LazyFullStateDict(Mapping):
         return self._fresh
 
 
+def open_weights(hf_dir: str, fields: dict, teacher: Optional[str] = None):
+    """The source's tensors (EVEv1: with its teacher's, from ``teacher``, an HF CLIP
+    folder, when given)."""
+    weights = HFWeights(hf_dir)
+    if fields.get("family") == "evev1":
+        return import_evev1.EVEv1Weights(weights, teacher)
+    return weights
+
+
 def import_rank(hf_dir: str, save: str, tp: int, pp: int, fields: dict, dtype: str = "fp32",
-                seed: int = 1234, iteration: int = 0, progress_file: Optional[str] = None) -> dict:
+                seed: int = 1234, iteration: int = 0, progress_file: Optional[str] = None,
+                teacher: Optional[str] = None) -> dict:
     """Rank function: build this rank's chunk, fill it from ``hf_dir``, save (collective)
     with the source's image settings (an EVE folder's ``preprocessor_config.json``).
 
     Rank 0 writes ``"done total"`` (tensors of its chunk) to ``progress_file`` as it goes.
     """
-    from eve_megatron.models.eve import EVEModel
-    from eve_megatron.models.eve.config import config_from_fields
+    from eve_megatron.models.eve.config import config_from_fields, model_class
     from eve_megatron.models.eve.sharding import load_full_state_dict
     from eve_megatron.parallel import ParallelConfig, initialize_parallel
     from eve_megatron.training.checkpointing import save_checkpoint
@@ -144,7 +172,9 @@ def import_rank(hf_dir: str, save: str, tp: int, pp: int, fields: dict, dtype: s
     cfg = config_from_fields(fields, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                              params_dtype=torch_dtype, bf16=torch_dtype == torch.bfloat16,
                              fp16=torch_dtype == torch.float16)
-    model = EVEModel(cfg).to(torch_dtype)
+    model = model_class(cfg)(cfg).to(torch_dtype)
+    if hasattr(model, "teacher"):
+        model.teacher.float()  # EVEv1's frozen teacher always runs in fp32
     report = None
     if progress_file and torch.distributed.get_rank() == 0:
         total, done = sum(1 for _ in model.parameters()), [0]
@@ -152,7 +182,8 @@ def import_rank(hf_dir: str, save: str, tp: int, pp: int, fields: dict, dtype: s
         def report():
             done[0] += 1
             write_progress(progress_file, done[0], total)
-    full = LazyFullStateDict(HFWeights(hf_dir), fields, torch_dtype, seed, report)
+    weights = open_weights(hf_dir, fields, teacher)
+    full = LazyFullStateDict(weights, fields, torch_dtype, seed, report)
     load_full_state_dict(model, full)
     save_checkpoint(save, iteration, [model], images=read_image_settings(hf_dir))
     return {"used": sorted(full.used)}
@@ -161,28 +192,28 @@ def import_rank(hf_dir: str, save: str, tp: int, pp: int, fields: dict, dtype: s
 def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, decoupling: Optional[str] = None,
               dtype: Optional[str] = None, vision_hidden_size: int = 1024, seed: int = 1234,
               iteration: int = 0, overwrite: bool = False, progress: bool = True,
-              timeout: float = 7 * 24 * 3600) -> dict:
+              timeout: float = 7 * 24 * 3600, teacher: Optional[str] = None) -> dict:
     """Import ``hf_dir`` into the checkpoint root ``save`` with ``tp * pp`` local ranks (one
-    importer per ``save``: an OS lock)."""
+    importer per ``save``: an OS lock); ``teacher``: an HF CLIP folder for an EVEv1 import."""
     with OutputLock(save, "checkpoint root --save"):
         return _import(hf_dir, save, tp, pp, decoupling, dtype, vision_hidden_size, seed,
-                       iteration, overwrite, progress, timeout)
+                       iteration, overwrite, progress, timeout, teacher)
 
 
 def _import(hf_dir, save, tp, pp, decoupling, dtype, vision_hidden_size, seed, iteration,
-            overwrite, progress, timeout) -> dict:
+            overwrite, progress, timeout, teacher) -> dict:
     from eve_megatron.launch import run_distributed
 
     start = time.time()
     refuse_existing(save, overwrite)
-    fields = read_source(hf_dir, decoupling, vision_hidden_size)
+    fields = read_source(hf_dir, decoupling, vision_hidden_size, teacher)
     if fields["vocab_size"] % tp or fields["num_query_groups"] % tp or fields["ffn_hidden_size"] % tp:
         raise ValueError(f"TP={tp} must divide vocab_size {fields['vocab_size']}, the "
                          f"{fields['num_query_groups']} key/value heads and ffn "
                          f"{fields['ffn_hidden_size']}")
     if fields["num_layers"] % pp:
         raise ValueError(f"PP={pp} must divide the {fields['num_layers']} layers")
-    weights = HFWeights(hf_dir)
+    weights = open_weights(hf_dir, fields, teacher)
     dtype = dtype or _source_dtype(weights)
     probe = LazyFullStateDict(weights, fields, DTYPES[dtype], seed)
     origins = {name: probe.source(name) for name in probe}  # fails early, naming what is missing
@@ -192,12 +223,13 @@ def _import(hf_dir, save, tp, pp, decoupling, dtype, vision_hidden_size, seed, i
             results = run_distributed(
                 "eve_megatron.hf.importer:import_rank", tp * pp, timeout=timeout, hf_dir=hf_dir,
                 save=tmp, tp=tp, pp=pp, fields=fields, dtype=dtype, seed=seed,
-                iteration=iteration, progress_file=progress_file)
+                iteration=iteration, progress_file=progress_file, teacher=teacher)
         os.remove(progress_file)
     used = set().union(*(r["used"] for r in results))
     element = torch.empty(0, dtype=DTYPES[dtype]).element_size()
     return {"output": save, "source": hf_dir, "tp": tp, "pp": pp, "dtype": dtype,
-            "decoupling": fields["decoupling"], "images": read_image_settings(hf_dir),
+            "family": fields.get("family", "evev2"), "decoupling": fields["decoupling"],
+            "images": read_image_settings(hf_dir),
             "tensors": len(origins),
             "bytes": element * sum(_numel(s) for s in probe.shapes.values()),
             "copied_from_text": sum(o == "text copy" for o in origins.values()),

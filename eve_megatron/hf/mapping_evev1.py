@@ -24,6 +24,10 @@ from eve_megatron.hf.mapping import Rule, _layer_rules
 PEL, VT = "embedding.patch_embedding.", "model.vision_tower."
 CLIP = "model.vision_clip.backbone.vision_model."
 """Where the released checkpoint keeps the teacher (``EVEMetaModel.vision_clip``)."""
+CLIP_ALIAS = "model.vision_tower_compressor.clip_layer.backbone.vision_model."
+"""The same teacher module seen through the PAL (``clip_layer``): a release saved with the
+shared module deduplicated may store it under this name instead (read on import, never
+written)."""
 _ATTENTION_PARTS = ("q.0.weight", "q.0.bias", "q.1.weight", "kv.0.weight", "kv.0.bias",
                     "kv.1.weight", "proj.weight", "proj.bias")
 _TEACHER_LAYER_PARTS = tuple(
