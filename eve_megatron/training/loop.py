@@ -75,7 +75,8 @@ class Trainer:
         outputs = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=iters if vp else iters[0],
             model=self.ddp if vp else self.ddp[0], num_microbatches=data.n,
-            seq_length=self.cfg.data.seq_length, micro_batch_size=self.cfg.training.micro_batch_size,
+            seq_length=self.cfg.data.seq_length * self.chunks[0].carry_factor,
+            micro_batch_size=self.cfg.training.micro_batch_size,
             forward_only=False)
         total = torch.zeros(2, dtype=torch.float64, device=self._device())
         last = ps.is_pipeline_last_stage(ignore_virtual=True)

@@ -1,7 +1,8 @@
 """EVEv1 through the real trainer on a preprocessed EVEv1 dataset (tiny preset, random
 teacher): token loss and PAL loss are logged separately and both fall; the prealign set
 (PEL, projector, PAL) leaves every LLM weight bit-identical; the teacher never changes; the
-1:1 weight of PAL and token loss holds at any micro-batch split and data-parallel size."""
+1:1 weight of PAL and token loss holds at any micro-batch split and data-parallel size; PP2
+(and 2 virtual stages) trains like PP1."""
 
 import pytest
 import torch
@@ -86,3 +87,27 @@ def test_resume_continues_bit_exactly(data, tmp_path):
     assert rest["losses"] == whole["losses"][2:]  # token and PAL losses, bit for bit
     for name, w in whole["after"].items():
         assert torch.equal(rest["after"][name], w), name
+
+
+def test_pipeline_parallel_trains_like_pp1(data, tmp_path):
+    """PP2 and PP2 x 2 virtual stages from PP1's initial weights: the PAL's taps of earlier
+    stages reach the last one in the pipeline carry; token and PAL losses and every weight
+    equal PP1's."""
+    W = "tests.functional.evev1_workers:train_many"
+    init = tmp_path / "init"
+    argv = _argv(data, "--train-iters", 3, "--load", init, "--finetune")
+    ref = run_distributed(W, 1, argvs=[_argv(data, "--train-iters", 0, "--save", init,
+                                             "--no-save-optim"), argv])[0][1]
+    pp = ["--pipeline-model-parallel-size", "2"]
+    vp = ["--virtual-pipeline-model-parallel-size", "2"]
+    ranks = run_distributed(W, 2, argvs=[argv + pp, argv + pp + vp])
+    for run in range(2):
+        losses = ranks[-1][run]["losses"]
+        for (t1, p1), (t2, p2) in zip(ref["losses"], losses, strict=True):
+            assert abs(t1 - t2) <= 1e-5 * t1 and abs(p1 - p2) <= 1e-5 * p1, (run, ref["losses"],
+                                                                              losses)
+        after = {**ranks[0][run]["after"], **ranks[1][run]["after"]}
+        assert after.keys() == ref["after"].keys()
+        for name, w in ref["after"].items():
+            err = float((after[name] - w).norm() / w.norm().clamp_min(1e-12))
+            assert err <= 2e-5, (run, name, err)

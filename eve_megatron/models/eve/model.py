@@ -81,6 +81,13 @@ class EVEModel(LanguageModule):
         model subclass overrides it."""
         return PatchEmbedding(config)
 
+    @property
+    def carry_factor(self) -> int:
+        """Rows of a pipeline message per row of hidden states: Megatron's schedules run with
+        ``seq_length * carry_factor``. 1: a stage sends its hidden states only (a family may
+        send more, e.g. EVEv1's PAL taps)."""
+        return 1
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's activations in here."""
         if not isinstance(input_tensor, list):
