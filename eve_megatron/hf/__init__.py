@@ -8,7 +8,7 @@
   ``modeling_eve_qwen2``, ``eve_layers``, ``eve_generation``, ``eve_image_rules``, ``eve_prompt``,
   ``image_processing_eve_qwen2``, ``processing_eve_qwen2``;
 - ``processing`` / ``generation``: training-exact prompts, greedy answers (``tools/generate.py``);
-- EVEv1 (EVE-7B-v1.0 layout): ``mapping_evev1`` (its name table), ``evev1_weights`` (its
-  weight list), ``config_map_evev1``, ``export_files_evev1``; shipped: ``configuration_eve_llama``,
+- EVEv1 (EVE-7B-v1.0 layout): ``mapping_evev1`` (its name table; the weight list is
+  ``models/evev1/weights.py``), ``config_map_evev1``, ``export_files_evev1``; shipped: ``configuration_eve_llama``,
   ``modeling_eve_llama``, ``evev1_layers``, ``evev1_image_rules``, ``image_processing_eve_llama``.
 """

@@ -78,10 +78,10 @@ def patch_embedding_shapes(fields: dict) -> Dict[str, Shape]:
 
 def weight_shapes(fields: dict) -> Dict[str, Shape]:
     """Every full Megatron weight of an architecture, in HF-friendly order (EVEv1's in
-    ``hf/evev1_weights.py``)."""
+    ``models/evev1/weights.py``)."""
     family = fields.get("family", "evev2")
     if family == "evev1":
-        from eve_megatron.hf.evev1_weights import weight_shapes as evev1_weight_shapes
+        from eve_megatron.models.evev1.weights import weight_shapes as evev1_weight_shapes
 
         return evev1_weight_shapes(fields)
     if family != "evev2":

@@ -17,6 +17,7 @@ import torch
 
 from eve_megatron.hf.evev1_image_rules import BASE_SIZE, DENSE_STRIDE, PATCH_STRIDE, TEACHER_PATCH
 from eve_megatron.models.eve.config import EVEConfig, _arch
+from eve_megatron.models.evev1.weights import pal_taps
 
 
 
@@ -58,7 +59,7 @@ class EVEv1Config(EVEConfig):
     @property
     def pal_taps(self) -> list:
         """Tapped hidden-state indices, the query (hs[L]) first: ``L, L - k, ..., 0``."""
-        return list(range(self.num_layers, -1, -self.pal_layer_stride))
+        return pal_taps(self.num_layers, self.pal_layer_stride)
 
     def __post_init__(self):
         super().__post_init__()

@@ -1,8 +1,8 @@
 """Which weights an EVEv1 architecture has, with their full (TP=1) shapes.
 
 The EVEv1 twin of ``models/eve/weights.py`` (which dispatches here for ``family:
-evev1``): the export plans and checks checkpoints with it, the import fills every name it
-lists. Reads only the recorded architecture (``eve_model.json``), so it needs no model. A
+evev1``), with the PAL's taps (``EVEv1Config.pal_taps`` asks :func:`pal_taps`): the export
+plans and checks checkpoints with it, the import fills every name it lists. Reads only the recorded architecture (``eve_model.json``), so it needs no model. A
 test compares it with a real ``EVEv1Model``'s parameters.
 """
 
@@ -13,9 +13,10 @@ from typing import Dict
 from eve_megatron.models.eve.weights import Shape, layer_weight_shapes
 
 
-def pal_taps(fields: dict) -> list:
-    """The PAL's tapped hidden states ``L, L - k, ..., 0`` (one ``norm_layer`` each)."""
-    return list(range(fields["num_layers"], -1, -fields["pal_layer_stride"]))
+def pal_taps(num_layers: int, pal_layer_stride: int) -> list:
+    """The PAL's tapped hidden states ``L, L - k, ..., 0``, the query (hs[L]) first (one
+    ``norm_layer`` each)."""
+    return list(range(num_layers, -1, -pal_layer_stride))
 
 
 def pel_shapes(fields: dict) -> Dict[str, Shape]:
@@ -37,7 +38,7 @@ def pal_shapes(fields: dict) -> Dict[str, Shape]:
     """The PAL heads (names after ``pal.``)."""
     h, t = fields["hidden_size"], fields["teacher_hidden_size"]
     out: Dict[str, Shape] = {}
-    for j in range(len(pal_taps(fields))):
+    for j in range(len(pal_taps(fields["num_layers"], fields["pal_layer_stride"]))):
         out.update({f"norm_layer.{j}.0.weight": (h,), f"norm_layer.{j}.0.bias": (h,),
                     f"norm_layer.{j}.1.weight": (t, h)})
     out.update({"input_layer.weight": (t, h), "input_layer.bias": (t,),
