@@ -72,10 +72,11 @@ class Trainer:
         pal = self._weigh_pal(data)
         iters = data.iterators()
         vp = len(self.ddp) > 1
+        # carry_factor: EVEv1's PAL taps ride along at PP > 1; 1 for other models (GPTModel)
         outputs = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=iters if vp else iters[0],
             model=self.ddp if vp else self.ddp[0], num_microbatches=data.n,
-            seq_length=self.cfg.data.seq_length * self.chunks[0].carry_factor,
+            seq_length=self.cfg.data.seq_length * getattr(self.chunks[0], "carry_factor", 1),
             micro_batch_size=self.cfg.training.micro_batch_size,
             forward_only=False)
         total = torch.zeros(2, dtype=torch.float64, device=self._device())
