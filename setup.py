@@ -32,8 +32,13 @@ setup(
     packages=find_packages(include=["eve_megatron", "eve_megatron.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "megatron-core==0.16.1",
+        # both Megatron-Core releases require torch >= 2.6 (which has cp312 wheels: Python
+        # 3.12 needs nothing newer); tested with 2.13.0 (CPU build on 3.11, CUDA build on 3.12)
+        "torch>=2.6",
+        # 0.16.1 on Python 3.11 (CI's default); the newest 0.19.x needs Python >= 3.12
+        # (.ci/run's second pass). eve_megatron/mcore_compat.py checks the same range.
+        "megatron-core==0.16.1; python_version < '3.12'",
+        "megatron-core>=0.19,<0.20; python_version >= '3.12'",
         "numpy",
         "pillow>=10",
         "pyyaml",
@@ -50,6 +55,16 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+    },
+    entry_points={
+        # the tools of eve_megatron/tools/ (also `python -m eve_megatron.tools.NAME`)
+        "console_scripts": [
+            "eve-preprocess=eve_megatron.tools.preprocess_data:main",
+            "eve-import-hf=eve_megatron.tools.import_hf:main",
+            "eve-export-hf=eve_megatron.tools.export_hf:main",
+            "eve-copy-vision-branch=eve_megatron.tools.copy_vision_branch:main",
+            "eve-generate=eve_megatron.tools.generate:main",
+        ],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

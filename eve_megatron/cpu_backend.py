@@ -1,30 +1,35 @@
 """CPU backend: lets Megatron-Core's real code paths run on CPU tensors over gloo.
 
-Megatron-Core 0.16.1 assumes CUDA in a few places: it allocates with ``device='cuda'``
+Megatron-Core assumes CUDA in a few places: it allocates with ``device='cuda'``
 (optimizer, grad buffers, pipeline shape exchange), calls ``torch.cuda.current_device()``,
 ``torch.cuda.synchronize()`` and ``Tensor.cuda()``, checks ``param.type()`` against
 ``'torch.cuda.FloatTensor'`` and keeps its RNG tracker in CUDA generator states.
 
-:func:`activate` installs, only when CUDA is absent:
+:class:`CpuBackend` is a context that installs, only when CUDA is absent:
 
 * a ``TorchFunctionMode`` mapping any cuda device argument to cpu, ``Tensor.cuda`` to a
   no-op and reporting cuda type names from ``Tensor.type()``;
-* stubs for ``torch.cuda.current_device`` / ``synchronize`` / ``empty_cache`` and the CUDA
-  RNG entry points, which are redirected to the CPU default generator so that
-  Megatron's ``CudaRNGStatesTracker`` (model-parallel seeds, ``fork()``, activation
-  recomputation) keeps working.
+* replacements for ``torch.cuda.current_device`` / ``synchronize`` / ``empty_cache`` /
+  ``current_stream`` (the CPU stream, whose waits are no-ops) and the CUDA RNG entry
+  points, redirected to the CPU default generator, and for Megatron's private RNG helpers
+  (:func:`eve_megatron.mcore_compat.cpu_rng_patches`), so that Megatron's
+  ``CudaRNGStatesTracker`` (model-parallel seeds, ``fork()``, activation recomputation)
+  keeps working;
 
-On a machine with CUDA, :func:`activate` does nothing.
+and on exit restores every original. Contexts nest: only the outermost one installs and
+restores. :func:`activate` enters one for the rest of the process (what entry points
+do). On a machine with CUDA, both do nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-_MODE: TorchFunctionMode | None = None
+from eve_megatron import mcore_compat
 
 
 def _to_cpu_device(device):
@@ -54,35 +59,85 @@ class CudaAsCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _patches() -> List[Tuple[Any, str, Any]]:
+    """``(owner, name, replacement)`` of everything the backend replaces."""
+    cuda = torch.cuda
+    return [
+        (cuda, "current_device", lambda: "cpu"),
+        (cuda, "synchronize", lambda *a, **k: None),
+        (cuda, "empty_cache", lambda *a, **k: None),
+        # 0.19's grad sync waits on the current stream's events: the CPU stream's are no-ops
+        (cuda, "current_stream", lambda *a, **k: torch.cpu.current_stream()),
+        (cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state()),
+        (cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+        (cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed))),
+        (cuda, "manual_seed_all", lambda seed: torch.default_generator.manual_seed(int(seed))),
+    ] + mcore_compat.cpu_rng_patches()
+
+
+class CpuBackend:
+    """``with CpuBackend():`` runs Megatron-Core on CPU inside, leaves torch and Megatron as
+    they were on exit. ``active`` tells whether this context installed or joined one."""
+
+    _depth = 0
+    _saved: List[Tuple[Any, str, Any]] = []
+    _mode: Optional[TorchFunctionMode] = None
+    _log_level = logging.NOTSET
+
+    def __init__(self):
+        self.active = False
+
+    def __enter__(self) -> "CpuBackend":
+        if torch.cuda.is_available():
+            return self
+        cls = CpuBackend
+        if cls._depth == 0:
+            patches = _patches()
+            cls._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+            for owner, name, replacement in patches:
+                setattr(owner, name, replacement)
+            # The CUDA and CPU generators are one generator here, so the tracker's "CPU RNG
+            # state changed within GPU RNG context" warning is expected on every dropout.
+            logger = logging.getLogger(mcore_compat.RNG_LOGGER)
+            cls._log_level = logger.level
+            logger.setLevel(logging.ERROR)
+            cls._mode = CudaAsCpuMode()
+            cls._mode.__enter__()
+        cls._depth += 1
+        self.active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.active:
+            return
+        self.active = False
+        cls = CpuBackend
+        cls._depth -= 1
+        if cls._depth:
+            return
+        cls._mode.__exit__(None, None, None)
+        cls._mode = None
+        logging.getLogger(mcore_compat.RNG_LOGGER).setLevel(cls._log_level)
+        for owner, name, original in reversed(cls._saved):
+            setattr(owner, name, original)
+        cls._saved = []
+
+
+_PROCESS: Optional[CpuBackend] = None
+
+
 def is_active() -> bool:
-    """True when the CPU backend has been installed in this process."""
-    return _MODE is not None
+    """True while a CPU backend is installed in this process."""
+    return CpuBackend._depth > 0
 
 
 def activate() -> bool:
-    """Install the CPU backend if CUDA is absent. Idempotent. Returns whether it is active."""
-    global _MODE
-    if _MODE is not None:
-        return True
-    if torch.cuda.is_available():
-        return False
-
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.empty_cache = lambda *a, **k: None
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    torch.cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
-
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    # The CUDA and CPU generators are one generator here, so the tracker's "CPU RNG state
-    # changed within GPU RNG context" warning is expected on every dropout inside fork().
-    logging.getLogger(mcore_random.__name__).setLevel(logging.ERROR)
-
-    _MODE = CudaAsCpuMode()
-    _MODE.__enter__()
+    """Enter a CPU backend for the rest of the process if CUDA is absent. Idempotent.
+    Returns whether it is active."""
+    global _PROCESS
+    if _PROCESS is None:
+        backend = CpuBackend().__enter__()
+        if not backend.active:
+            return False
+        _PROCESS = backend
     return True

@@ -65,7 +65,7 @@ def init_distributed(timeout_minutes: int = 10) -> None:
     torchrun (or :func:`eve_megatron.launch.run_distributed`) the env rendezvous is used;
     a single process without that env becomes a world of one (no port needed).
     """
-    from eve_megatron import cpu_backend
+    from eve_megatron import cpu_backend, mcore_compat  # noqa: F401 (checks the release)
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:

@@ -47,15 +47,15 @@ def _manager_server_init() -> None:
 def install_checkpoint_writer_queue() -> None:
     """Give Megatron-Core's async checkpoint writer a results queue whose manager process
     dies with this one (its own would be started on the first save and survive a SIGKILL).
-    Megatron-Core 0.16 keeps the queue in ``filesystem_async._results_queue``."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    The queue is a Megatron-Core private global, reached through
+    :mod:`eve_megatron.mcore_compat`."""
+    from eve_megatron import mcore_compat
 
-    if getattr(fa, "_results_queue", "missing") is not None:
-        return  # already created (by us or by Megatron), or a release without this global
+    if mcore_compat.checkpoint_results_queue() is not None:
+        return  # already created (by us or by Megatron)
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
     manager.start(initializer=_manager_server_init)
-    fa._results_queue = manager.Queue()
-    fa._eve_manager = manager  # keep it alive as long as the queue
+    mcore_compat.set_checkpoint_results_queue(manager.Queue(), keep_alive=manager)

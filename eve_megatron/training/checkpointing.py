@@ -2,6 +2,8 @@
 
     SAVE/latest_checkpointed_iteration.txt   the newest complete checkpoint ("100")
     SAVE/iter_0000100/                       dist_checkpointing shards + common state
+                                             (common.pt under Megatron-Core 0.16; 0.19
+                                             keeps it in the shards and reads both)
     SAVE/iter_0000100/eve_model.json         the architecture (models.eve.config.MODEL_FIELDS)
     SAVE/iter_0000100/eve_images.json        how its images were prepared (when known):
                                              {"max_image_size": 1600, "alpha": "drop"}
@@ -34,6 +36,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from megatron.core import dist_checkpointing
 
+from eve_megatron import mcore_compat
 from eve_megatron.models.eve.config import model_fields
 from eve_megatron.launch.lifetime import install_checkpoint_writer_queue
 from eve_megatron.training.checkpoint_checksums import PendingChecksums, verify_checkpoint
@@ -153,6 +156,7 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], iteration: Optiona
     path = iteration_dir(root, iteration)
     if verify:
         verify_checkpoint(path)
+    mcore_compat.check_checkpoint_layout(path)
     loaded = dist_checkpointing.load(_with_extra(chunks, extra), path)
     plain = [getattr(c, "module", c) for c in chunks]
     keys = ["model"] if len(plain) == 1 else [f"model{i}" for i in range(len(plain))]
@@ -165,7 +169,9 @@ def load_common(root: str, iteration: Optional[int] = None) -> Tuple[int, Dict]:
     """``(iteration, common state)``: the non-sharded part (train state, scheduler) of a
     checkpoint, readable without building a model."""
     iteration = _resolve(root, iteration)
-    return iteration, dist_checkpointing.load_common_state_dict(iteration_dir(root, iteration))
+    path = iteration_dir(root, iteration)
+    mcore_compat.check_checkpoint_layout(path)
+    return iteration, dist_checkpointing.load_common_state_dict(path)
 
 
 def _resolve(root: str, iteration: Optional[int]) -> int:

@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
+from eve_megatron import mcore_compat
 from eve_megatron.models.eve.config import config_from_fields
 from eve_megatron.outputs import lock_on_rank0
 from eve_megatron.training import checkpointing
@@ -62,6 +63,7 @@ def _copy(load: str, save: str, iteration: Optional[int]) -> Dict:
     iteration = checkpointing._resolve(load, iteration)
     path = checkpointing.iteration_dir(load, iteration)
     verify_checkpoint(path)
+    mcore_compat.check_checkpoint_layout(path)
     fields = checkpointing.read_model_fields(load, iteration)
     if fields["decoupling"] == "all":
         raise ValueError(f"{path} already has decoupling='all': nothing to copy")

@@ -12,7 +12,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from eve_megatron.training import optim_compat
+from eve_megatron import mcore_compat
 from eve_megatron.training.config import ConfigError, TrainConfig
 
 
@@ -43,7 +43,7 @@ def _dtype(bf16: bool) -> torch.dtype:
 
 def build_optimizer(cfg: TrainConfig, ddp_chunks: List):
     """Distributed optimizer over the trainable parameters of ``ddp_chunks``."""
-    optim_compat.install()
+    mcore_compat.patch_distributed_optimizer()
     return get_megatron_optimizer(optimizer_config(cfg), ddp_chunks)
 
 

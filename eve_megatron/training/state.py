@@ -24,6 +24,8 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from eve_megatron import mcore_compat
+
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                   "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
 """Sharded-state metadata: the layout-independent distributed optimizer format."""
@@ -96,12 +98,12 @@ def allocate_optimizer_state(optimizer) -> None:
     weight moves (the loaded state then replaces every value)."""
     for opt in real_optimizers(optimizer):
         inner = opt.optimizer
-        if len(inner.state) or not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+        if len(inner.state):
             continue
         saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
         for g in inner.param_groups:
             g["lr"], g["weight_decay"] = 0.0, 0.0
-        opt._init_optimizer_states_with_dummy_values()
+        mcore_compat.init_optimizer_states(opt)
         for g, (lr, wd) in zip(inner.param_groups, saved):
             g["lr"], g["weight_decay"] = lr, wd
 

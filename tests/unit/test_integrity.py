@@ -131,7 +131,11 @@ def test_checkpoint_sums_find_any_flipped_bytes(megatron_world, tmp_path):
     root = str(tmp_path / "ckpt")
     _, folder = _tiny_checkpoint(root)
     sums = read_sums(folder)
-    assert {"common.pt", ".metadata", "eve_model.json"} <= set(sums)
+    # every file is recorded: Megatron-Core's (shards, .metadata, metadata.json; 0.16 keeps
+    # the common state in common.pt, 0.19 inside the shards) and ours
+    assert set(sums) == set(os.listdir(folder)) - {SUMS}
+    assert {".metadata", "metadata.json", "eve_model.json"} <= set(sums)
+    assert any(n.endswith(".distcp") for n in sums)
     assert subprocess.run(["sha256sum", "--quiet", "-c", SUMS], cwd=folder).returncode == 0
     files = sorted(sums, key=lambda n: os.path.getsize(os.path.join(folder, n)))
     shard = files[-1]

@@ -39,7 +39,8 @@ sys.path.insert(0, HERE)
 
 from pieces import MIB, split  # noqa: E402
 
-NOT_CARRIED = re.compile(r"^(torch|triton|nvidia-.*|eve[-_]megatron|pip|setuptools|wheel)$", re.I)
+NOT_CARRIED = re.compile(
+    r"^(torch|triton|nvidia-.*|cuda-.*|eve[-_]megatron|pip|setuptools|wheel)$", re.I)
 """Distributions the GPU image has (torch and its CUDA libraries) or that are ours."""
 PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
             "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
@@ -49,9 +50,25 @@ TE_VERSION = "2.20.2"
 BUILD_TOOLS = ("pybind11", "setuptools", "wheel", "ninja", "packaging")
 
 
+GPU_MACHINE = {"python_version": "3.12", "python_full_version": "3.12.0",
+               "implementation_name": "cpython", "platform_python_implementation": "CPython",
+               "sys_platform": "linux", "platform_system": "Linux",
+               "platform_machine": "x86_64", "os_name": "posix"}
+"""Environment markers of the GPU machine (e.g. setup.py's megatron-core line for 3.12)."""
+
+
+def _holds_on_gpu_machine(marker: str, extras) -> bool:
+    from packaging.markers import Marker
+
+    return any(Marker(marker).evaluate({**GPU_MACHINE, "extra": e}) for e in (extras or {""}))
+
+
 def requirement_closure(root: str = "eve_megatron", extras=("test",)) -> Dict[str, str]:
-    """``{distribution: installed version}`` of everything ``root`` needs here (torch's
-    stack and the packaging tools left out)."""
+    """``{distribution: installed version}`` of everything ``root`` needs on the GPU
+    machine (markers evaluated for it; torch's stack and the packaging tools left out).
+    The versions are the ones installed here: run from a Python 3.12 environment to carry
+    the megatron-core release setup.py asks for there (0.19.x); from 3.11 the kit carries
+    0.16.1, which eve_megatron also supports."""
     todo, seen = [(root, set(extras))], {}
     while todo:
         name, wanted = todo.pop()
@@ -65,11 +82,8 @@ def requirement_closure(root: str = "eve_megatron", extras=("test",)) -> Dict[st
         seen[key] = dist.version
         for req in dist.requires or []:
             spec, _, marker = req.partition(";")
-            extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)", marker)
-            if extra and extra.group(1) not in wanted:
+            if marker.strip() and not _holds_on_gpu_machine(marker, wanted):
                 continue
-            if "python_version" in marker or "sys_platform" in marker or "platform_" in marker:
-                continue  # environment-specific extras are not needed on Linux 3.12 here
             dep = re.match(r"[A-Za-z0-9._-]+", spec.strip())
             if dep:
                 todo.append((dep.group(0), set()))

@@ -12,17 +12,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from eve_megatron import mcore_compat
+
 
 def _local_matmul(linear, x, bias):
     if not linear.gradient_accumulation_fusion:
         # Same math; native autograd dispatches far faster than Megatron's Python Function,
         # which matters because routing doubles the number of linear calls.
         return F.linear(x, linear.weight, bias)
-    return linear._forward_impl(
-        input=x, weight=linear.weight, bias=bias,
-        gradient_accumulation_fusion=linear.gradient_accumulation_fusion,
-        allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None, tp_group=None,
-    )
+    return mcore_compat.local_linear(linear, x, bias)
 
 
 class BranchColumnParallelLinear(ColumnParallelLinear):
