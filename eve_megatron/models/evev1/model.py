@@ -49,7 +49,7 @@ class EVEv1Model(EVEModel):
     def carry_factor(self) -> int:
         """Rows of a pipeline message per row of hidden states (pass ``seq_length *
         carry_factor`` to Megatron's schedules): 1 + the carried taps, 1 at PP=1."""
-        return 1 + len(self.carried)
+        return pipeline.carry_factor(self.config)
 
     def build_patch_embedding(self, config) -> torch.nn.Module:
         """EVEv1's PEL + ``mlp2x_gelu`` projector (replicated over TP)."""

@@ -1,9 +1,10 @@
 """Which weights an EVEv1 architecture has, with their full (TP=1) shapes.
 
-The EVEv1 twin of ``models/eve/weights.py`` (which dispatches here for ``family:
-evev1``), with the PAL's taps (``EVEv1Config.pal_taps`` asks :func:`pal_taps`): the export
-plans and checks checkpoints with it, the import fills every name it lists. Reads only the recorded architecture (``eve_model.json``), so it needs no model. A
-test compares it with a real ``EVEv1Model``'s parameters.
+The EVEv1 twin of ``models/eve/weights.py`` (which dispatches here for ``family: evev1``),
+with the PAL's taps (``EVEv1Config.pal_taps`` asks :func:`pal_taps`): the export plans and
+checks checkpoints with it, the import fills every name it lists. Reads only the recorded
+architecture (``eve_model.json``), so it needs no model. A test compares it with a real
+``EVEv1Model``'s parameters.
 """
 
 from __future__ import annotations
